@@ -1,1 +1,26 @@
-pub fn x(){}
+//! edgehub: an IoT Edge hub.
+//!
+//! This crate holds the listeners, the MQTT protocol head and broker core, and
+//! (in later work) the IoT Hub protocol layer, endpoint executors, upstream
+//! link and management API.
+//!
+//! - [`config`]: command line and environment (`EDGEHUB_*`).
+//! - [`tls`]: server TLS config; the development CA generated into the data dir.
+//! - [`server`]: TCP and TLS listeners, one task per connection, graceful shutdown.
+//! - [`connection`]: one MQTT connection: CONNECT handling, packet dispatch,
+//!   flow control, keep-alive, write batching.
+//! - [`broker`]: sessions, subscription trie, retained messages, routing,
+//!   wills and session expiry. Knows no sockets.
+//! - [`auth`]: the authentication/authorization seam the IoT Hub layer plugs into.
+//!
+//! The wire format lives in the `edgehub-codec` crate.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod server;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;

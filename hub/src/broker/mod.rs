@@ -1,0 +1,489 @@
+//! The MQTT broker core: session table, subscription index, retained
+//! messages, routing of published messages to sessions, wills and session
+//! expiry. Transport-agnostic: connection tasks (see `connection`) call in.
+//!
+//! Owns: who is subscribed to what and what each session still has to
+//! receive. Must not touch: sockets or the wire format (connection/codec), IoT
+//! Hub semantics (the IoT Hub layer decides through the `auth` seam).
+
+pub mod session;
+pub mod subscriptions;
+pub mod topic;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use edgehub_codec::{Properties, Protocol, QoS, SubscriptionOptions, Will};
+use parking_lot::RwLock;
+use tokio::sync::Notify;
+
+use crate::auth::{Authenticator, Authorizer, Principal};
+use session::{Delivery, Message, PendingWill, Session};
+use subscriptions::{SubEntry, SubscriptionTree};
+
+/// Per-connection and per-session bounds, from the configuration.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_packet_size: u32,
+    pub max_inflight: u16,
+    pub receive_maximum: u16,
+    pub max_queued_messages: usize,
+    pub topic_alias_maximum: u16,
+    pub max_keep_alive: u16,
+    pub connect_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_config(c: &crate::config::Config) -> Limits {
+        Limits {
+            max_packet_size: c.max_packet_size,
+            max_inflight: c.max_inflight.max(1),
+            receive_maximum: c.receive_maximum.max(1),
+            max_queued_messages: c.max_queued_messages,
+            topic_alias_maximum: c.topic_alias_maximum,
+            max_keep_alive: c.max_keep_alive,
+            connect_timeout: Duration::from_secs(c.connect_timeout),
+        }
+    }
+}
+
+/// Counters the metrics endpoint will expose.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    /// Deliveries refused because a session's queue was full.
+    pub messages_dropped_queue_full: AtomicU64,
+    /// Deliveries dropped because they exceeded the receiver's maximum packet size.
+    pub messages_dropped_too_large: AtomicU64,
+    pub messages_expired: AtomicU64,
+}
+
+/// A session handed to a new connection.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub generation: u64,
+    pub kick: Arc<Notify>,
+}
+
+/// Why a connection ended, for will and session handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// DISCONNECT with reason 0x00: the will is discarded.
+    Normal,
+    /// DISCONNECT 0x04, a lost connection, a protocol error, a keep-alive
+    /// timeout or a takeover: the will is published.
+    PublishWill,
+    /// The hub is shutting down: sessions stay, wills are not published.
+    ServerShutdown,
+}
+
+pub struct Broker {
+    pub limits: Limits,
+    pub authenticator: Arc<dyn Authenticator>,
+    pub authorizer: Arc<dyn Authorizer>,
+    pub stats: Stats,
+    sessions: DashMap<Arc<str>, Arc<Session>>,
+    subscriptions: RwLock<SubscriptionTree>,
+    retained: RwLock<HashMap<String, Arc<Message>>>,
+}
+
+impl Broker {
+    pub fn new(
+        limits: Limits,
+        authenticator: Arc<dyn Authenticator>,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Arc<Broker> {
+        Arc::new(Broker {
+            limits,
+            authenticator,
+            authorizer,
+            stats: Stats::default(),
+            sessions: DashMap::new(),
+            subscriptions: RwLock::new(SubscriptionTree::default()),
+            retained: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.read().len()
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().len()
+    }
+
+    /// Binds a new connection to its session (MQTT 5.0 3.1.2.4, 3.1.4-3):
+    /// an existing connection with this client id is kicked; clean start
+    /// replaces the old session, otherwise it is resumed.
+    pub fn attach(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        clean_start: bool,
+        protocol: Protocol,
+        expiry_interval: u32,
+    ) -> Attached {
+        let kick = Arc::new(Notify::new());
+        let mut ended = None;
+        let mut session_present = false;
+        let session = match self.sessions.entry(client_id.clone()) {
+            Entry::Occupied(mut e) => {
+                let old = e.get().clone();
+                if let Some(k) = old.kick.lock().take() {
+                    k.notify_one();
+                }
+                if clean_start {
+                    let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
+                    e.insert(fresh.clone());
+                    ended = Some(old);
+                    fresh
+                } else {
+                    session_present = true;
+                    old
+                }
+            }
+            Entry::Vacant(v) => {
+                let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
+                v.insert(fresh.clone());
+                fresh
+            }
+        };
+        let generation = {
+            let mut st = session.state.lock();
+            st.generation += 1;
+            st.connected = true;
+            session.online.store(true, Ordering::Release);
+            st.protocol = protocol;
+            st.expiry_interval = expiry_interval;
+            // A new connection before the will delay passed cancels the will.
+            st.will = None;
+            st.generation
+        };
+        *session.kick.lock() = Some(kick.clone());
+        if let Some(old) = ended {
+            self.end_session(&old);
+        }
+        Attached {
+            session,
+            session_present,
+            generation,
+            kick,
+        }
+    }
+
+    /// Called when a connection ends. `will` is the connection's will, if any.
+    pub fn detach(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        generation: u64,
+        ending: Ending,
+        will: Option<PendingWill>,
+    ) {
+        let will = will.filter(|_| ending == Ending::PublishWill);
+        let mut st = session.state.lock();
+        if st.generation != generation {
+            // Taken over: the new connection arrived before any will delay
+            // could pass, so only an undelayed will goes out.
+            drop(st);
+            if let Some(w) = will {
+                if will_delay(&w.will) == 0 {
+                    self.publish_will(w);
+                }
+            }
+            return;
+        }
+        st.connected = false;
+        session.online.store(false, Ordering::Release);
+        *session.kick.lock() = None;
+        let expiry = st.expiry_interval;
+        let mut publish_now = None;
+        if let Some(w) = will {
+            let delay = will_delay(&w.will);
+            if delay == 0 || expiry == 0 {
+                publish_now = Some(w);
+            } else {
+                st.will = Some(w);
+                let b = self.clone();
+                let s = session.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(delay.min(expiry) as u64)).await;
+                    let w = {
+                        let mut st = s.state.lock();
+                        if st.generation != generation || st.connected {
+                            return;
+                        }
+                        st.will.take()
+                    };
+                    if let Some(w) = w {
+                        b.publish_will(w);
+                    }
+                });
+            }
+        }
+        drop(st);
+        if let Some(w) = publish_now {
+            self.publish_will(w);
+        }
+        if expiry == 0 {
+            self.remove_session(session);
+        } else if expiry != u32::MAX {
+            let b = self.clone();
+            let s = session.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
+                {
+                    let st = s.state.lock();
+                    if st.generation != generation || st.connected {
+                        return;
+                    }
+                }
+                tracing::debug!(client = %s.client_id, "session expired");
+                b.remove_session(&s);
+            });
+        }
+    }
+
+    fn remove_session(&self, session: &Arc<Session>) {
+        let removed = self
+            .sessions
+            .remove_if(&session.client_id, |_, v| Arc::ptr_eq(v, session))
+            .is_some();
+        if removed {
+            self.end_session(session);
+        }
+    }
+
+    /// The session is over: its subscriptions go and a pending will is published.
+    fn end_session(&self, session: &Arc<Session>) {
+        let (subs, will) = {
+            let mut st = session.state.lock();
+            // No connection task may act on this session any more.
+            st.generation += 1;
+            st.connected = false;
+            session.online.store(false, Ordering::Release);
+            st.queue.clear();
+            st.inflight.clear();
+            (std::mem::take(&mut st.subscriptions), st.will.take())
+        };
+        if !subs.is_empty() {
+            let mut tree = self.subscriptions.write();
+            for filter in subs.keys() {
+                let (share, inner) = split_share(filter);
+                tree.remove(&session.client_id, share, inner);
+            }
+        }
+        if let Some(w) = will {
+            self.publish_will(w);
+        }
+    }
+
+    fn publish_will(&self, w: PendingWill) {
+        if !self.authorizer.may_publish(&w.principal, &w.will.topic) {
+            tracing::debug!(principal = %w.principal.name, topic = %w.will.topic,
+                "will not published: not authorized");
+            return;
+        }
+        let mut properties = w.will.properties;
+        let expiry = properties.message_expiry_interval.take();
+        properties.will_delay_interval = None;
+        let msg = Message {
+            topic: w.will.topic,
+            payload: w.will.payload,
+            qos: w.will.qos,
+            retain: w.will.retain,
+            properties,
+            expires_at: expiry.map(|s| Instant::now() + Duration::from_secs(s as u64)),
+            origin: Some(w.principal.name.clone()),
+        };
+        self.publish(Arc::new(msg));
+    }
+
+    /// Accepts a published application message: updates the retained store
+    /// and routes it to every matching session. Returns how many sessions it
+    /// was queued for.
+    pub fn publish(&self, msg: Arc<Message>) -> usize {
+        self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        if msg.retain {
+            let mut r = self.retained.write();
+            if msg.payload.is_empty() {
+                r.remove(msg.topic.as_str());
+            } else {
+                r.insert(msg.topic.to_string(), msg.clone());
+            }
+        }
+        self.route(&msg)
+    }
+
+    fn route(&self, msg: &Arc<Message>) -> usize {
+        let mut targets: Vec<(Arc<str>, SubEntry)> = Vec::new();
+        let mut picked: Vec<(Arc<str>, SubEntry)> = Vec::new();
+        {
+            let tree = self.subscriptions.read();
+            tree.for_each_match(
+                &msg.topic,
+                |client, e| {
+                    if e.options.no_local && msg.origin.as_deref() == Some(&**client) {
+                        return;
+                    }
+                    targets.push((client.clone(), *e));
+                },
+                |group| {
+                    if let Some(m) = self.pick_shared(group.members, group.start) {
+                        picked.push(m);
+                    }
+                },
+            );
+        }
+        targets.append(&mut picked);
+        if targets.is_empty() {
+            return 0;
+        }
+        // One delivery per session: highest QoS, every subscription id.
+        targets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut queued = 0;
+        let mut i = 0;
+        while i < targets.len() {
+            let client = &targets[i].0;
+            let mut qos = QoS::AtMostOnce;
+            let mut rap = false;
+            let mut ids = Vec::new();
+            let mut j = i;
+            while j < targets.len() && targets[j].0 == *client {
+                let e = &targets[j].1;
+                qos = qos.max(e.options.qos);
+                rap |= e.options.retain_as_published;
+                ids.extend(e.id);
+                j += 1;
+            }
+            if let Some(s) = self.sessions.get(client).map(|s| s.clone()) {
+                let d = Delivery {
+                    message: msg.clone(),
+                    qos: qos.min(msg.qos),
+                    retain: msg.retain && rap,
+                    subscription_ids: ids,
+                };
+                if s.enqueue(d, self.limits.max_queued_messages) {
+                    queued += 1;
+                } else {
+                    self.stats
+                        .messages_dropped_queue_full
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            i = j;
+        }
+        queued
+    }
+
+    /// Round-robin over the group, preferring connected members.
+    fn pick_shared(
+        &self,
+        members: &[(Arc<str>, SubEntry)],
+        start: usize,
+    ) -> Option<(Arc<str>, SubEntry)> {
+        if members.is_empty() {
+            return None;
+        }
+        let n = members.len();
+        for k in 0..n {
+            let m = &members[(start + k) % n];
+            if let Some(s) = self.sessions.get(&m.0) {
+                if s.online.load(Ordering::Acquire) {
+                    return Some(m.clone());
+                }
+            }
+        }
+        Some(members[start % n].clone())
+    }
+
+    /// Adds a subscription for a session (still owned by `generation`).
+    /// Returns `Some(existed)`, or `None` if the session was taken over.
+    pub fn subscribe(
+        &self,
+        session: &Session,
+        generation: u64,
+        filter: &str,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> Option<bool> {
+        let mut st = session.state.lock();
+        if st.generation != generation {
+            return None;
+        }
+        let (share, inner) = split_share(filter);
+        let existed = self.subscriptions.write().insert(
+            &session.client_id,
+            share,
+            inner,
+            SubEntry { options, id },
+        );
+        st.subscriptions.insert(filter.to_owned(), (options, id));
+        Some(existed)
+    }
+
+    /// Returns `Some(existed)`, or `None` if the session was taken over.
+    pub fn unsubscribe(&self, session: &Session, generation: u64, filter: &str) -> Option<bool> {
+        let mut st = session.state.lock();
+        if st.generation != generation {
+            return None;
+        }
+        if st.subscriptions.remove(filter).is_none() {
+            return Some(false);
+        }
+        let (share, inner) = split_share(filter);
+        self.subscriptions
+            .write()
+            .remove(&session.client_id, share, inner);
+        Some(true)
+    }
+
+    /// Retained messages matching a (non-shared) filter, unexpired.
+    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        let now = Instant::now();
+        self.retained
+            .read()
+            .values()
+            .filter(|m| topic::matches(filter, &m.topic) && !m.expired(now))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The will delay of an MQTT 5 will; zero otherwise.
+pub fn will_delay(w: &Will) -> u32 {
+    w.properties.will_delay_interval.unwrap_or(0)
+}
+
+/// `$share/g/f` → (Some(g), f); anything else → (None, filter). Only called
+/// with filters already validated.
+fn split_share(filter: &str) -> (Option<&str>, &str) {
+    match topic::parse_shared(filter) {
+        Ok(Some((g, f))) => (Some(g), f),
+        _ => (None, filter),
+    }
+}
+
+/// Properties a message carries from publisher to subscriber.
+pub fn forwarded_properties(mut p: Properties) -> (Properties, Option<u32>) {
+    let expiry = p.message_expiry_interval.take();
+    p.topic_alias = None;
+    p.subscription_identifiers.clear();
+    (p, expiry)
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Broker>();
+    is::<Principal>();
+}

@@ -1,0 +1,983 @@
+//! One MQTT network connection: reads and decodes packets, applies them to
+//! the broker and its session, and writes responses and deliveries.
+//!
+//! A single task per connection selects over: socket readable, socket
+//! writable (only while the write buffer holds bytes), deliveries queued for
+//! its session, keep-alive deadline, takeover and server shutdown. Responses
+//! and deliveries accumulate in one write buffer, so a burst of packets costs
+//! one write syscall. Backpressure: deliveries are pulled from the session
+//! only while the write buffer is under `TX_HIGH`; reading stops while it is
+//! over `TX_PAUSE_READ` (a client that sends but never reads cannot grow it).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use edgehub_codec::{
+    decode, encode, peek_connect_protocol, reason, ConnAck, Connect, DecodeError, Disconnect,
+    EncodeError, Packet, Properties, Protocol, PubResp, Publish, QoS, Str, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info};
+
+use crate::auth::{AuthError, ConnectInfo, Principal};
+use crate::broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
+use crate::broker::topic::{parse_shared, valid_filter, valid_topic_name};
+use crate::broker::{forwarded_properties, Broker, Ending};
+
+const TX_HIGH: usize = 64 * 1024;
+const TX_PAUSE_READ: usize = 1024 * 1024;
+/// How long a closing connection may take to flush its last packets.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// Why the main loop stopped.
+struct Close {
+    /// MQTT 5 DISCONNECT reason to send first, if any.
+    reason: Option<u8>,
+    ending: Ending,
+    why: String,
+}
+
+impl Close {
+    fn protocol(code: u8, why: impl Into<String>) -> Close {
+        Close {
+            reason: Some(code),
+            ending: Ending::PublishWill,
+            why: why.into(),
+        }
+    }
+}
+
+fn decode_close(e: &DecodeError) -> Close {
+    let code = match e {
+        DecodeError::Malformed(_) => reason::MALFORMED_PACKET,
+        DecodeError::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
+        _ => reason::PROTOCOL_ERROR,
+    };
+    Close::protocol(code, e.to_string())
+}
+
+/// Serves one accepted connection (TLS already established) to its end.
+pub async fn serve<S>(
+    broker: Arc<Broker>,
+    stream: S,
+    peer: SocketAddr,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rx = BytesMut::with_capacity(4096);
+    let max_in = broker.limits.max_packet_size as usize;
+    let first = tokio::select! {
+        r = tokio::time::timeout(broker.limits.connect_timeout, read_connect(&mut rd, &mut rx, max_in)) => r,
+        _ = shutdown.changed() => return,
+    };
+    let connect = match first {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within the connect timeout; closing");
+            return;
+        }
+        Ok(Err(FirstPacketError::Closed)) => return,
+        Ok(Err(FirstPacketError::NotConnect(name))) => {
+            debug!(%peer, packet = name, "first packet is not CONNECT; closing");
+            return;
+        }
+        Ok(Err(FirstPacketError::Decode(e, proto))) => {
+            debug!(%peer, error = %e, "bad CONNECT; closing");
+            let code = match (&e, proto) {
+                (DecodeError::UnsupportedProtocolVersion(_), _) => {
+                    Some((Protocol::V311, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION))
+                }
+                (DecodeError::InvalidProtocolName, _) => None,
+                (_, Some(Protocol::V5)) => Some((Protocol::V5, decode_close(&e).reason.unwrap())),
+                _ => None,
+            };
+            if let Some((proto, code)) = code {
+                let mut tx = BytesMut::new();
+                let ack = Packet::ConnAck(ConnAck {
+                    code,
+                    ..Default::default()
+                });
+                let _ = encode(&ack, proto, &mut tx, usize::MAX);
+                let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&tx)).await;
+            }
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    let Some(mut conn) = Connection::accept(
+        broker,
+        *connect,
+        peer,
+        peer_certificates.as_deref(),
+        &mut wr,
+    )
+    .await
+    else {
+        let _ = wr.shutdown().await;
+        return;
+    };
+    conn.broker.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let close = conn.run(&mut rd, &mut wr, rx, &mut shutdown).await;
+    conn.broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    conn.finish(close, &mut wr).await;
+}
+
+enum FirstPacketError {
+    Closed,
+    NotConnect(&'static str),
+    Decode(DecodeError, Option<Protocol>),
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    rx: &mut BytesMut,
+    max: usize,
+) -> Result<Box<Connect>, FirstPacketError> {
+    loop {
+        let proto = peek_connect_protocol(rx);
+        match decode(rx, Protocol::V311, max) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(p)) => return Err(FirstPacketError::NotConnect(p.name())),
+            Err(e) => return Err(FirstPacketError::Decode(e, proto)),
+            Ok(None) => {}
+        }
+        match rd.read_buf(rx).await {
+            Ok(0) | Err(_) => return Err(FirstPacketError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+struct Connection {
+    broker: Arc<Broker>,
+    protocol: Protocol,
+    peer: SocketAddr,
+    client_id: Arc<str>,
+    principal: Principal,
+    session: Arc<Session>,
+    generation: u64,
+    kick: Arc<Notify>,
+    will: Option<PendingWill>,
+    /// Session expiry asked for in CONNECT (MQTT 5: zero may not become non-zero).
+    connect_expiry: u32,
+    keep_alive: Option<Duration>,
+    last_read: Instant,
+    /// Outgoing QoS 1/2 window: min(our limit, the client's Receive Maximum).
+    out_window: usize,
+    client_max_packet: usize,
+    client_alias_max: u16,
+    out_aliases: HashMap<Str, u16>,
+    in_aliases: HashMap<u16, Str>,
+    /// MQTT 5 Request Problem Information: reason strings allowed beyond
+    /// CONNACK, PUBLISH and DISCONNECT.
+    problem_info: bool,
+    tx: BytesMut,
+}
+
+impl Connection {
+    /// Authenticates, attaches the session and writes CONNACK. `None` when
+    /// the connection was refused (CONNACK with the reason already written).
+    async fn accept<W: AsyncWrite + Unpin>(
+        broker: Arc<Broker>,
+        c: Connect,
+        peer: SocketAddr,
+        certs: Option<&[CertificateDer<'static>]>,
+        wr: &mut W,
+    ) -> Option<Connection> {
+        let v5 = c.protocol == Protocol::V5;
+        let refuse = |code5: u8, code3: u8, why: &str| {
+            let mut tx = BytesMut::new();
+            let mut ack = ConnAck {
+                code: if v5 { code5 } else { code3 },
+                ..Default::default()
+            };
+            if v5 && c.properties.request_problem_information != Some(0) {
+                ack.properties.reason_string = Some(Str::from(why));
+            }
+            let _ = encode(&Packet::ConnAck(ack), c.protocol, &mut tx, usize::MAX);
+            tx
+        };
+        let mut refusal: Option<(BytesMut, String)> = None;
+        if c.properties.authentication_method.is_some() {
+            refusal = Some((
+                refuse(
+                    reason::BAD_AUTHENTICATION_METHOD,
+                    reason::v3::NOT_AUTHORIZED,
+                    "enhanced authentication is not supported",
+                ),
+                "enhanced authentication requested".into(),
+            ));
+        }
+        if c.client_id.is_empty() && !v5 && !c.clean_start {
+            refusal = Some((
+                refuse(0, reason::v3::IDENTIFIER_REJECTED, ""),
+                "empty client id without clean session".into(),
+            ));
+        }
+        if let Some(w) = &c.will {
+            if !valid_topic_name(&w.topic) {
+                refusal = Some((
+                    refuse(
+                        reason::TOPIC_NAME_INVALID,
+                        reason::v3::NOT_AUTHORIZED,
+                        "invalid will topic",
+                    ),
+                    format!("invalid will topic {:?}", w.topic.as_str()),
+                ));
+            }
+        }
+        let mut assigned = None;
+        let client_id: Arc<str> = if c.client_id.is_empty() {
+            let id = format!("auto-{:016x}", rand::random::<u64>());
+            if v5 {
+                assigned = Some(Str::from(id.as_str()));
+            }
+            id.into()
+        } else {
+            c.client_id.as_str().into()
+        };
+        let principal = if refusal.is_none() {
+            let info = ConnectInfo {
+                protocol: c.protocol,
+                client_id: &client_id,
+                username: c.username.as_deref(),
+                password: c.password.as_deref(),
+                peer,
+                peer_certificates: certs,
+            };
+            match broker.authenticator.authenticate(&info) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    let (c5, c3) = match &e {
+                        AuthError::NotAuthorized(_) => {
+                            (reason::NOT_AUTHORIZED, reason::v3::NOT_AUTHORIZED)
+                        }
+                        AuthError::BadCredentials(_) => (
+                            reason::BAD_USER_NAME_OR_PASSWORD,
+                            reason::v3::BAD_USER_NAME_OR_PASSWORD,
+                        ),
+                        AuthError::Unavailable(_) => {
+                            (reason::SERVER_UNAVAILABLE, reason::v3::SERVER_UNAVAILABLE)
+                        }
+                    };
+                    let public = match &e {
+                        AuthError::NotAuthorized(_) => "not authorized",
+                        AuthError::BadCredentials(_) => "bad user name or password",
+                        AuthError::Unavailable(_) => "server unavailable",
+                    };
+                    refusal = Some((refuse(c5, c3, public), e.to_string()));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let (Some(p), Some(w)) = (&principal, &c.will) {
+            if !broker.authorizer.may_publish(p, &w.topic) {
+                refusal = Some((
+                    refuse(
+                        reason::NOT_AUTHORIZED,
+                        reason::v3::NOT_AUTHORIZED,
+                        "not authorized to publish to the will topic",
+                    ),
+                    format!("will topic {:?} not authorized", w.topic.as_str()),
+                ));
+            }
+        }
+        if let Some((tx, why)) = refusal {
+            info!(%peer, client = %client_id, reason = %why, "connection refused");
+            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&tx)).await;
+            return None;
+        }
+        let principal = principal.expect("set when not refused");
+
+        let limits = &broker.limits;
+        let mut keep_alive = c.keep_alive;
+        let mut server_keep_alive = None;
+        if v5 && limits.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > limits.max_keep_alive)
+        {
+            keep_alive = limits.max_keep_alive;
+            server_keep_alive = Some(keep_alive);
+        }
+        let expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let attached = broker.attach(client_id.clone(), c.clean_start, c.protocol, expiry);
+        let mut ack = ConnAck {
+            session_present: attached.session_present,
+            code: reason::SUCCESS,
+            properties: Properties::default(),
+        };
+        if v5 {
+            let p = &mut ack.properties;
+            p.receive_maximum = Some(limits.receive_maximum);
+            p.maximum_packet_size = Some(limits.max_packet_size);
+            p.topic_alias_maximum = Some(limits.topic_alias_maximum);
+            p.assigned_client_identifier = assigned;
+            p.server_keep_alive = server_keep_alive;
+        }
+        let will = c.will.map(|will| PendingWill {
+            will,
+            principal: principal.clone(),
+        });
+        debug!(%peer, client = %client_id, protocol = ?c.protocol, clean_start = c.clean_start,
+            session_present = attached.session_present, keep_alive, "client connected");
+        let mut conn = Connection {
+            protocol: c.protocol,
+            peer,
+            client_id,
+            principal,
+            session: attached.session,
+            generation: attached.generation,
+            kick: attached.kick,
+            will,
+            connect_expiry: expiry,
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            last_read: Instant::now(),
+            out_window: limits
+                .max_inflight
+                .min(c.properties.receive_maximum.unwrap_or(u16::MAX))
+                as usize,
+            client_max_packet: c.properties.maximum_packet_size.unwrap_or(u32::MAX) as usize,
+            client_alias_max: c.properties.topic_alias_maximum.unwrap_or(0),
+            out_aliases: HashMap::new(),
+            in_aliases: HashMap::new(),
+            problem_info: c.properties.request_problem_information != Some(0),
+            tx: BytesMut::with_capacity(8192),
+            broker,
+        };
+        conn.send(Packet::ConnAck(ack));
+        conn.resend_inflight();
+        Some(conn)
+    }
+
+    async fn run<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        mut rx: BytesMut,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Close
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let max_in = self.broker.limits.max_packet_size as usize;
+        let kick = self.kick.clone();
+        let session = self.session.clone();
+        // Packets that arrived together with CONNECT.
+        if let Err(c) = self.drain(&mut rx, max_in) {
+            return c;
+        }
+        loop {
+            self.fill_from_session();
+            let deadline = self
+                .keep_alive
+                .map(|ka| tokio::time::Instant::from_std(self.last_read + ka));
+            tokio::select! {
+                _ = kick.notified() => {
+                    return Close {
+                        reason: Some(reason::SESSION_TAKEN_OVER),
+                        ending: Ending::PublishWill,
+                        why: "session taken over by a new connection".into(),
+                    };
+                }
+                _ = shutdown.changed() => {
+                    return Close {
+                        reason: Some(reason::SERVER_SHUTTING_DOWN),
+                        ending: Ending::ServerShutdown,
+                        why: "server shutting down".into(),
+                    };
+                }
+                r = rd.read_buf(&mut rx), if self.tx.len() < TX_PAUSE_READ => {
+                    match r {
+                        Ok(0) => return Close { reason: None, ending: Ending::PublishWill, why: "connection closed by client without DISCONNECT".into() },
+                        Err(e) => return Close { reason: None, ending: Ending::PublishWill, why: format!("read error: {e}") },
+                        Ok(_) => {
+                            self.last_read = Instant::now();
+                            if let Err(c) = self.drain(&mut rx, max_in) {
+                                return c;
+                            }
+                        }
+                    }
+                }
+                r = wr.write_buf(&mut self.tx), if !self.tx.is_empty() => {
+                    if let Err(e) = r {
+                        return Close { reason: None, ending: Ending::PublishWill, why: format!("write error: {e}") };
+                    }
+                }
+                _ = session.wake.notified() => {}
+                _ = sleep_until_opt(deadline) => {
+                    return Close {
+                        reason: Some(reason::KEEP_ALIVE_TIMEOUT),
+                        ending: Ending::PublishWill,
+                        why: "keep-alive timeout".into(),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every whole packet in `rx`.
+    fn drain(&mut self, rx: &mut BytesMut, max_in: usize) -> Result<(), Close> {
+        loop {
+            match decode(rx, self.protocol, max_in) {
+                Ok(Some(p)) => self.handle(p)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(decode_close(&e)),
+            }
+        }
+    }
+
+    async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
+        debug!(peer = %self.peer, client = %self.client_id, reason = %close.why, "connection closing");
+        if let (Some(code), Protocol::V5) = (close.reason, self.protocol) {
+            self.send(Packet::Disconnect(Disconnect {
+                reason: code,
+                properties: Properties::default(),
+            }));
+        }
+        if !self.tx.is_empty() {
+            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&self.tx)).await;
+        }
+        let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
+        self.broker.detach(
+            &self.session,
+            self.generation,
+            close.ending,
+            self.will.take(),
+        );
+    }
+
+    /// Encodes a control packet within the client's maximum packet size,
+    /// dropping optional properties (reason strings, user properties) first
+    /// when they would make it too large (MQTT 5.0 3.1.2.25).
+    fn send(&mut self, mut p: Packet) {
+        // CONNACK and DISCONNECT may always carry a reason string (3.1.2.11.7).
+        if !self.problem_info && !matches!(p, Packet::ConnAck(_) | Packet::Disconnect(_)) {
+            strip_problem_info(&mut p);
+        }
+        match encode(&p, self.protocol, &mut self.tx, self.client_max_packet) {
+            Ok(_) => {}
+            Err(_) => {
+                strip_problem_info(&mut p);
+                if let Err(e) = encode(&p, self.protocol, &mut self.tx, self.client_max_packet) {
+                    debug!(client = %self.client_id, packet = p.name(), error = %e, "cannot send packet");
+                }
+            }
+        }
+    }
+
+    fn reason_props(&self, why: &str) -> Properties {
+        Properties {
+            reason_string: (self.protocol == Protocol::V5 && self.problem_info)
+                .then(|| Str::from(why)),
+            ..Default::default()
+        }
+    }
+
+    fn handle(&mut self, p: Packet) -> Result<(), Close> {
+        let v5 = self.protocol == Protocol::V5;
+        match p {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(r) => {
+                let mut st = self.session.state.lock();
+                if st.generation == self.generation
+                    && st
+                        .inflight
+                        .get(&r.packet_id)
+                        .is_some_and(|o| o.state == OutState::AwaitPubAck)
+                {
+                    st.inflight.remove(&r.packet_id);
+                    self.broker
+                        .stats
+                        .messages_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                let mut st = self.session.state.lock();
+                if st.generation != self.generation {
+                    return Ok(());
+                }
+                let known = match st.inflight.get_mut(&r.packet_id) {
+                    Some(o) if v5 && r.reason >= 0x80 => {
+                        let _ = o;
+                        st.inflight.remove(&r.packet_id);
+                        return Ok(());
+                    }
+                    Some(o) if o.state != OutState::AwaitPubAck => {
+                        o.state = OutState::AwaitPubComp;
+                        true
+                    }
+                    _ => false,
+                };
+                drop(st);
+                let code = if known || !v5 {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(Packet::PubRel(PubResp::new(r.packet_id, code)));
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                let mut st = self.session.state.lock();
+                if st.generation == self.generation
+                    && st
+                        .inflight
+                        .get(&r.packet_id)
+                        .is_some_and(|o| o.state == OutState::AwaitPubComp)
+                {
+                    st.inflight.remove(&r.packet_id);
+                    self.broker
+                        .stats
+                        .messages_sent
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let known = {
+                    let mut st = self.session.state.lock();
+                    st.generation == self.generation && st.incoming_qos2.remove(&r.packet_id)
+                };
+                let code = if known || !v5 {
+                    reason::SUCCESS
+                } else {
+                    reason::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(Packet::PubComp(PubResp::new(r.packet_id, code)));
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => {
+                self.send(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry_interval {
+                    if self.connect_expiry == 0 && e != 0 {
+                        return Err(Close::protocol(
+                            reason::PROTOCOL_ERROR,
+                            "DISCONNECT sets a session expiry after CONNECT set none",
+                        ));
+                    }
+                    let mut st = self.session.state.lock();
+                    if st.generation == self.generation {
+                        st.expiry_interval = e;
+                    }
+                }
+                Err(Close {
+                    reason: None,
+                    ending: if d.reason == reason::DISCONNECT_WITH_WILL {
+                        Ending::PublishWill
+                    } else {
+                        Ending::Normal
+                    },
+                    why: format!("client sent DISCONNECT (reason 0x{:02x})", d.reason),
+                })
+            }
+            Packet::Connect(_) => Err(Close::protocol(reason::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Auth(_) => Err(Close::protocol(
+                reason::PROTOCOL_ERROR,
+                "AUTH without enhanced authentication",
+            )),
+            other => Err(Close::protocol(
+                reason::PROTOCOL_ERROR,
+                format!("{} is a server-to-client packet", other.name()),
+            )),
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) -> Result<(), Close> {
+        let v5 = self.protocol == Protocol::V5;
+        let Publish {
+            qos,
+            retain,
+            mut topic,
+            packet_id,
+            properties,
+            payload,
+            ..
+        } = p;
+        if let (true, Some(alias)) = (v5, properties.topic_alias) {
+            if alias == 0 || alias > self.broker.limits.topic_alias_maximum {
+                return Err(Close::protocol(
+                    reason::TOPIC_ALIAS_INVALID,
+                    format!("topic alias {alias} out of range"),
+                ));
+            }
+            if topic.is_empty() {
+                topic = self.in_aliases.get(&alias).cloned().ok_or_else(|| {
+                    Close::protocol(
+                        reason::PROTOCOL_ERROR,
+                        format!("topic alias {alias} used before it was set"),
+                    )
+                })?;
+            } else {
+                self.in_aliases.insert(alias, topic.clone());
+            }
+        }
+        if !valid_topic_name(&topic) {
+            return Err(Close::protocol(
+                reason::TOPIC_NAME_INVALID,
+                format!("invalid topic name {:?}", topic.as_str()),
+            ));
+        }
+        if qos == QoS::ExactlyOnce {
+            let st = self.session.state.lock();
+            if st.incoming_qos2.contains(&packet_id) {
+                // A retransmission of a message we already accepted: answer
+                // again, route nothing (exactly once).
+                drop(st);
+                self.send(Packet::PubRec(PubResp::new(packet_id, reason::SUCCESS)));
+                return Ok(());
+            }
+            if st.incoming_qos2.len() >= self.broker.limits.receive_maximum as usize {
+                return Err(Close::protocol(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more QoS 2 messages in flight than Receive Maximum",
+                ));
+            }
+        }
+        let refuse = |code: u8| -> Option<Packet> {
+            let r = PubResp::new(packet_id, code);
+            match qos {
+                QoS::AtMostOnce => None,
+                QoS::AtLeastOnce => Some(Packet::PubAck(r)),
+                QoS::ExactlyOnce => Some(Packet::PubRec(r)),
+            }
+        };
+        if !self.broker.authorizer.may_publish(&self.principal, &topic) {
+            if !v5 {
+                return Err(Close::protocol(
+                    reason::NOT_AUTHORIZED,
+                    format!("not authorized to publish to {:?}", topic.as_str()),
+                ));
+            }
+            debug!(client = %self.client_id, topic = %topic, "publish not authorized");
+            if let Some(mut r) = refuse(reason::NOT_AUTHORIZED) {
+                set_reason_props(&mut r, self.reason_props("not authorized"));
+                self.send(r);
+            }
+            return Ok(());
+        }
+        if v5 && properties.payload_format_indicator == Some(1) && std::str::from_utf8(&payload).is_err()
+        {
+            if let Some(mut r) = refuse(reason::PAYLOAD_FORMAT_INVALID) {
+                set_reason_props(&mut r, self.reason_props("payload is not UTF-8"));
+                self.send(r);
+            }
+            return Ok(());
+        }
+        let (properties, expiry) = forwarded_properties(properties);
+        let msg = Arc::new(Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties,
+            expires_at: expiry.map(|s| Instant::now() + Duration::from_secs(s as u64)),
+            origin: Some(self.client_id.clone()),
+        });
+        let queued = self.broker.publish(msg);
+        let code = if queued == 0 && v5 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(PubResp::new(packet_id, code))),
+            QoS::ExactlyOnce => {
+                {
+                    let mut st = self.session.state.lock();
+                    if st.generation == self.generation {
+                        st.incoming_qos2.insert(packet_id);
+                    }
+                }
+                self.send(Packet::PubRec(PubResp::new(packet_id, code)));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+        let v5 = self.protocol == Protocol::V5;
+        let sub_id = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for (filter, opts) in &s.filters {
+            let shared = parse_shared(filter);
+            let valid = match shared {
+                Err(()) => false,
+                Ok(None) => valid_filter(filter),
+                Ok(Some(_)) => true,
+            };
+            if !valid {
+                reasons.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    reason::v3::SUBACK_FAILURE
+                });
+                continue;
+            }
+            let shared = shared.ok().flatten();
+            if v5 && shared.is_some() && opts.no_local {
+                return Err(Close::protocol(
+                    reason::PROTOCOL_ERROR,
+                    "no-local set on a shared subscription",
+                ));
+            }
+            if !self.broker.authorizer.may_subscribe(&self.principal, filter) {
+                debug!(client = %self.client_id, filter = %filter, "subscribe not authorized");
+                reasons.push(if v5 {
+                    reason::NOT_AUTHORIZED
+                } else {
+                    reason::v3::SUBACK_FAILURE
+                });
+                continue;
+            }
+            let Some(existed) =
+                self.broker
+                    .subscribe(&self.session, self.generation, filter, *opts, sub_id)
+            else {
+                return Err(Close {
+                    reason: Some(reason::SESSION_TAKEN_OVER),
+                    ending: Ending::PublishWill,
+                    why: "session taken over".into(),
+                });
+            };
+            reasons.push(opts.qos as u8);
+            let send_retained = shared.is_none()
+                && match opts.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                for m in self.broker.retained_matching(filter) {
+                    retained.push(Delivery {
+                        qos: m.qos.min(opts.qos),
+                        message: m,
+                        retain: true,
+                        subscription_ids: sub_id.into_iter().collect(),
+                    });
+                }
+            }
+        }
+        self.send(Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+        for d in retained {
+            self.session
+                .enqueue(d, self.broker.limits.max_queued_messages);
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let existed = self
+                .broker
+                .unsubscribe(&self.session, self.generation, f)
+                .unwrap_or(false);
+            reasons.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        self.send(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+        Ok(())
+    }
+
+    /// After a session resumes: unacknowledged PUBLISHes again with DUP set,
+    /// PUBRELs again for those already received (MQTT 5.0 4.4).
+    fn resend_inflight(&mut self) {
+        let session = self.session.clone();
+        let st = session.state.lock();
+        let pending: Vec<(u16, OutState, Delivery)> = st
+            .inflight
+            .iter()
+            .map(|(id, o)| (*id, o.state, o.delivery.clone()))
+            .collect();
+        drop(st);
+        for (id, state, d) in pending {
+            match state {
+                OutState::AwaitPubComp => {
+                    self.send(Packet::PubRel(PubResp::new(id, reason::SUCCESS)));
+                }
+                _ => {
+                    let _ = self.encode_delivery(&d, id, true);
+                }
+            }
+        }
+    }
+
+    /// Moves queued deliveries into the write buffer while the in-flight
+    /// window and the buffer allow.
+    fn fill_from_session(&mut self) {
+        if self.tx.len() >= TX_HIGH {
+            return;
+        }
+        let session = self.session.clone();
+        let mut st = session.state.lock();
+        if st.generation != self.generation {
+            return;
+        }
+        let now = Instant::now();
+        while self.tx.len() < TX_HIGH {
+            let Some(front) = st.queue.front() else {
+                break;
+            };
+            if front.qos != QoS::AtMostOnce && st.inflight.len() >= self.out_window {
+                break;
+            }
+            let d = st.queue.pop_front().expect("front exists");
+            if d.message.expired(now) {
+                self.broker
+                    .stats
+                    .messages_expired
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let packet_id = if d.qos == QoS::AtMostOnce {
+                0
+            } else {
+                match st.allocate_packet_id() {
+                    Some(id) => id,
+                    None => {
+                        st.queue.push_front(d);
+                        break;
+                    }
+                }
+            };
+            match self.encode_delivery(&d, packet_id, false) {
+                Ok(()) => {
+                    if d.qos == QoS::AtMostOnce {
+                        self.broker
+                            .stats
+                            .messages_sent
+                            .fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        let state = if d.qos == QoS::AtLeastOnce {
+                            OutState::AwaitPubAck
+                        } else {
+                            OutState::AwaitPubRec
+                        };
+                        st.inflight.insert(packet_id, Outgoing { delivery: d, state });
+                    }
+                }
+                Err(EncodeError::PacketTooLarge { size, max }) => {
+                    // MQTT 5.0 3.1.2.25: discard, as if delivered.
+                    debug!(client = %self.client_id, size, max,
+                        "message larger than the client's maximum packet size; discarded");
+                    self.broker
+                        .stats
+                        .messages_dropped_too_large
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => debug!(client = %self.client_id, error = %e, "message not encodable"),
+            }
+        }
+    }
+
+    fn encode_delivery(
+        &mut self,
+        d: &Delivery,
+        packet_id: u16,
+        dup: bool,
+    ) -> Result<(), EncodeError> {
+        let m = &d.message;
+        let mut topic = m.topic.clone();
+        let mut properties = Properties::default();
+        let mut new_alias = None;
+        if self.protocol == Protocol::V5 {
+            properties = m.properties.clone();
+            properties.subscription_identifiers = d.subscription_ids.clone();
+            if let Some(at) = m.expires_at {
+                let left = at.saturating_duration_since(Instant::now());
+                properties.message_expiry_interval = Some(left.as_secs().max(1) as u32);
+            }
+            if self.client_alias_max > 0 {
+                if let Some(a) = self.out_aliases.get(&topic) {
+                    properties.topic_alias = Some(*a);
+                    topic = Str::default();
+                } else if self.out_aliases.len() < self.client_alias_max as usize {
+                    let a = self.out_aliases.len() as u16 + 1;
+                    properties.topic_alias = Some(a);
+                    new_alias = Some(a);
+                }
+            }
+        }
+        let p = Packet::Publish(Publish {
+            dup,
+            qos: d.qos,
+            retain: d.retain,
+            topic,
+            packet_id,
+            properties,
+            payload: m.payload.clone(),
+        });
+        encode(&p, self.protocol, &mut self.tx, self.client_max_packet)?;
+        if let Some(a) = new_alias {
+            self.out_aliases.insert(m.topic.clone(), a);
+        }
+        Ok(())
+    }
+}
+
+fn strip_problem_info(p: &mut Packet) {
+    let props = match p {
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            &mut r.properties
+        }
+        Packet::SubAck(s) => &mut s.properties,
+        Packet::UnsubAck(u) => &mut u.properties,
+        Packet::Disconnect(d) => &mut d.properties,
+        Packet::ConnAck(c) => &mut c.properties,
+        _ => return,
+    };
+    props.reason_string = None;
+    props.user_properties.clear();
+}
+
+fn set_reason_props(p: &mut Packet, props: Properties) {
+    if let Packet::PubAck(r) | Packet::PubRec(r) = p {
+        r.properties = props;
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+

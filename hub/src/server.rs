@@ -1,0 +1,219 @@
+//! Listeners: plain TCP and TLS, each accepted connection served by its own
+//! task; graceful shutdown tells every connection to close and waits briefly.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::auth::{AllowAnonymous, DenyAll};
+use crate::broker::{Broker, Limits};
+use crate::config::Config;
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+pub struct Server {
+    broker: Arc<Broker>,
+    mqtt: Option<TcpListener>,
+    mqtts: Option<(TcpListener, TlsAcceptor)>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Counts live connection tasks so shutdown can wait for them.
+#[derive(Default)]
+struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+struct Guard(Arc<Tracker>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Server {
+    /// Prepares the data dir and TLS material and binds the listeners.
+    pub async fn bind(config: &Config) -> Result<Server, ServerError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (cert, key) = match (&config.tls_cert, &config.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            _ => {
+                let pki = tls::ensure_dev_pki(&config.data_dir, &config.hostname())?;
+                (pki.server_cert, pki.server_key)
+            }
+        };
+        let tls_config = tls::server_config(&cert, &key)?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        let mqtts = (bind(config.mqtts_listen).await?, TlsAcceptor::from(tls_config));
+        let mqtt = match config.mqtt_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let broker = if config.allow_anonymous {
+            warn!("--allow-anonymous: any client may connect without credentials and use any topic");
+            let a = Arc::new(AllowAnonymous);
+            Broker::new(Limits::from_config(config), a.clone(), a)
+        } else {
+            let d = Arc::new(DenyAll);
+            Broker::new(Limits::from_config(config), d.clone(), d)
+        };
+        Ok(Server {
+            broker,
+            mqtt,
+            mqtts: Some(mqtts),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.mqtts.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Serves until `stop` completes, then closes every connection (MQTT 5
+    /// clients get DISCONNECT 0x8B) and waits up to five seconds for them.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
+        let tracker = Arc::new(Tracker::default());
+        let mut accept_tasks = Vec::new();
+        if let Some(l) = self.mqtt.take() {
+            accept_tasks.push(tokio::spawn(accept_loop(
+                l,
+                None,
+                self.broker.clone(),
+                self.shutdown.subscribe(),
+                tracker.clone(),
+            )));
+        }
+        if let Some((l, a)) = self.mqtts.take() {
+            accept_tasks.push(tokio::spawn(accept_loop(
+                l,
+                Some(a),
+                self.broker.clone(),
+                self.shutdown.subscribe(),
+                tracker.clone(),
+            )));
+        }
+        stop.await;
+        info!("shutting down");
+        let _ = self.shutdown.send(true);
+        for t in accept_tasks {
+            t.abort();
+        }
+        let wait = async {
+            loop {
+                let idle = tracker.idle.notified();
+                if tracker.live.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), wait).await.is_err() {
+            warn!(
+                open = tracker.live.load(Ordering::Acquire),
+                "connections still open after 5 s; exiting anyway"
+            );
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+    tracker: Arc<Tracker>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tracker.live.fetch_add(1, Ordering::AcqRel);
+        let guard = Guard(tracker.clone());
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve_tcp(tcp, peer, tls, broker, shutdown).await;
+        });
+    }
+}
+
+async fn serve_tcp(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    match tls {
+        None => crate::connection::serve(broker, tcp, peer, None, shutdown).await,
+        Some(acceptor) => {
+            let timeout = broker.limits.connect_timeout;
+            let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let certs = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+            crate::connection::serve(broker, stream, peer, certs, shutdown).await
+        }
+    }
+}
