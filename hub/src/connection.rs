@@ -447,9 +447,14 @@ impl Connection {
     async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
         debug!(peer = %self.peer, client = %self.client_id, reason = %close.why, "connection closing");
         if let (Some(code), Protocol::V5) = (close.reason, self.protocol) {
+            // The reason string tells the user why (and paho 2.1 only reads the
+            // reason code of a DISCONNECT longer than two bytes).
             self.send(Packet::Disconnect(Disconnect {
                 reason: code,
-                properties: Properties::default(),
+                properties: Properties {
+                    reason_string: Some(Str::from(close.why.as_str())),
+                    ..Default::default()
+                },
             }));
         }
         if !self.tx.is_empty() {
