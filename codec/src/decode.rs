@@ -62,7 +62,9 @@ impl Reader {
                 return Ok(value);
             }
         }
-        Err(DecodeError::Malformed("variable byte integer longer than 4 bytes"))
+        Err(DecodeError::Malformed(
+            "variable byte integer longer than 4 bytes",
+        ))
     }
 
     pub(crate) fn binary(&mut self) -> Result<Bytes, DecodeError> {
@@ -104,7 +106,9 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, DecodeError> {
             return Ok(Some((buf[0], len, 2 + i)));
         }
     }
-    Err(DecodeError::Malformed("remaining length longer than 4 bytes"))
+    Err(DecodeError::Malformed(
+        "remaining length longer than 4 bytes",
+    ))
 }
 
 /// If `buf` starts with a CONNECT whose variable header is buffered, returns
@@ -288,11 +292,7 @@ fn nonzero_id(id: u16) -> Result<u16, DecodeError> {
     }
 }
 
-fn reason_and_props(
-    r: &mut Reader,
-    v5: bool,
-    ctx: Ctx,
-) -> Result<(u8, Properties), DecodeError> {
+fn reason_and_props(r: &mut Reader, v5: bool, ctx: Ctx) -> Result<(u8, Properties), DecodeError> {
     if !v5 || r.remaining() == 0 {
         return Ok((0, Properties::default()));
     }
@@ -325,11 +325,15 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let has_password = flags & 0x40 != 0;
     let has_username = flags & 0x80 != 0;
     if !will_flag && (will_qos != 0 || will_retain) {
-        return Err(DecodeError::Malformed("will QoS or retain set without will flag"));
+        return Err(DecodeError::Malformed(
+            "will QoS or retain set without will flag",
+        ));
     }
     let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::Malformed("will QoS 3"))?;
     if protocol == Protocol::V311 && has_password && !has_username {
-        return Err(DecodeError::Malformed("password flag set without user name flag"));
+        return Err(DecodeError::Malformed(
+            "password flag set without user name flag",
+        ));
     }
     let keep_alive = r.u16()?;
     let v5 = protocol == Protocol::V5;
@@ -427,7 +431,9 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
         let opts = r.u8()?;
         let reserved = if v5 { 0xC0 } else { 0xFC };
         if opts & reserved != 0 {
-            return Err(DecodeError::Malformed("reserved subscription option bits set"));
+            return Err(DecodeError::Malformed(
+                "reserved subscription option bits set",
+            ));
         }
         let qos = QoS::from_u8(opts & 0x03).ok_or(DecodeError::Malformed("subscription QoS 3"))?;
         let retain_handling = (opts >> 4) & 0x03;

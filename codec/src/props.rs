@@ -235,7 +235,11 @@ impl Properties {
                     if v == 0 {
                         return Err(DecodeError::Protocol("maximum packet size 0"));
                     }
-                    set_once(&mut p.maximum_packet_size, v, "duplicate maximum packet size")?
+                    set_once(
+                        &mut p.maximum_packet_size,
+                        v,
+                        "duplicate maximum packet size",
+                    )?
                 }
                 0x28 => set_once(
                     &mut p.wildcard_subscription_available,

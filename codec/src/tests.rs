@@ -100,7 +100,11 @@ fn every_packet_roundtrips_in_both_versions() {
         }
         let resp = PubResp {
             packet_id: 9,
-            reason: if v5 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 },
+            reason: if v5 {
+                reason::NO_MATCHING_SUBSCRIBERS
+            } else {
+                0
+            },
             properties: p(Properties {
                 reason_string: Some(s("why")),
                 ..Default::default()
@@ -205,16 +209,22 @@ fn decode_err(bytes: &[u8], proto: Protocol) -> DecodeError {
 
 #[test]
 fn malformed_inputs_are_rejected_with_specific_errors() {
-    use DecodeError::{InvalidProtocolName, Malformed, UnsupportedProtocolVersion};
     use DecodeError::Protocol as ProtocolErr;
+    use DecodeError::{InvalidProtocolName, Malformed, UnsupportedProtocolVersion};
     // Remaining length with five continuation bytes.
     assert!(matches!(
         decode_err(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], Protocol::V311),
         Malformed(_)
     ));
     // Reserved packet type 0 and 15 (v3).
-    assert!(matches!(decode_err(&[0x00, 0x00], Protocol::V311), Malformed(_)));
-    assert!(matches!(decode_err(&[0xF0, 0x00], Protocol::V311), Malformed(_)));
+    assert!(matches!(
+        decode_err(&[0x00, 0x00], Protocol::V311),
+        Malformed(_)
+    ));
+    assert!(matches!(
+        decode_err(&[0xF0, 0x00], Protocol::V311),
+        Malformed(_)
+    ));
     // PUBLISH QoS 3.
     assert!(matches!(
         decode_err(&[0x36, 0x05, 0, 1, b't', 0, 1], Protocol::V311),
@@ -250,7 +260,9 @@ fn malformed_inputs_are_rejected_with_specific_errors() {
         Malformed(_)
     ));
     // CONNECT with reserved flag, with an unknown protocol level, with a bad name.
-    let mut connect = vec![0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x01, 0, 10, 0, 0];
+    let mut connect = vec![
+        0x10, 0x0C, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x01, 0, 10, 0, 0,
+    ];
     assert!(matches!(decode_err(&connect, Protocol::V311), Malformed(_)));
     connect[8] = 6;
     connect[9] = 0x02;
@@ -275,7 +287,10 @@ fn malformed_inputs_are_rejected_with_specific_errors() {
         Malformed(_)
     ));
     // Trailing bytes after PINGREQ body.
-    assert!(matches!(decode_err(&[0xC0, 0x01, 0], Protocol::V311), Malformed(_)));
+    assert!(matches!(
+        decode_err(&[0xC0, 0x01, 0], Protocol::V311),
+        Malformed(_)
+    ));
 }
 
 #[test]
@@ -311,7 +326,13 @@ fn peek_finds_connect_version() {
         password: None,
     };
     let mut buf = BytesMut::new();
-    encode(&Packet::Connect(Box::new(c)), Protocol::V5, &mut buf, usize::MAX).unwrap();
+    encode(
+        &Packet::Connect(Box::new(c)),
+        Protocol::V5,
+        &mut buf,
+        usize::MAX,
+    )
+    .unwrap();
     assert_eq!(peek_connect_protocol(&buf), Some(Protocol::V5));
     assert_eq!(peek_connect_protocol(&[0x30, 0]), None);
 }

@@ -83,8 +83,7 @@ impl Authenticator for DenyAll {
     fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, AuthError> {
         if info.username.is_none() && info.password.is_none() {
             Err(AuthError::NotAuthorized(
-                "anonymous clients are refused (start with --allow-anonymous to allow them)"
-                    .into(),
+                "anonymous clients are refused (start with --allow-anonymous to allow them)".into(),
             ))
         } else {
             Err(AuthError::BadCredentials(

@@ -126,9 +126,15 @@ pub async fn serve<S>(
         let _ = wr.shutdown().await;
         return;
     };
-    conn.broker.stats.connections.fetch_add(1, Ordering::Relaxed);
+    conn.broker
+        .stats
+        .connections
+        .fetch_add(1, Ordering::Relaxed);
     let close = conn.run(&mut rd, &mut wr, rx, &mut shutdown).await;
-    conn.broker.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    conn.broker
+        .stats
+        .connections
+        .fetch_sub(1, Ordering::Relaxed);
     conn.finish(close, &mut wr).await;
 }
 
@@ -144,6 +150,11 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Box<Connect>, FirstPacketError> {
     loop {
+        // Anything but CONNECT is refused on its first byte, without waiting
+        // for the rest of a packet that may never come (or is not MQTT at all).
+        if rx.first().is_some_and(|b| *b != 0x10) {
+            return Err(FirstPacketError::NotConnect("non-CONNECT packet"));
+        }
         let proto = peek_connect_protocol(rx);
         match decode(rx, Protocol::V311, max) {
             Ok(Some(Packet::Connect(c))) => return Ok(c),
@@ -304,7 +315,9 @@ impl Connection {
         let limits = &broker.limits;
         let mut keep_alive = c.keep_alive;
         let mut server_keep_alive = None;
-        if v5 && limits.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > limits.max_keep_alive)
+        if v5
+            && limits.max_keep_alive > 0
+            && (keep_alive == 0 || keep_alive > limits.max_keep_alive)
         {
             keep_alive = limits.max_keep_alive;
             server_keep_alive = Some(keep_alive);
@@ -346,8 +359,7 @@ impl Connection {
             kick: attached.kick,
             will,
             connect_expiry: expiry,
-            keep_alive: (keep_alive > 0)
-                .then(|| Duration::from_millis(keep_alive as u64 * 1500)),
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500)),
             last_read: Instant::now(),
             out_window: limits
                 .max_inflight
@@ -685,7 +697,9 @@ impl Connection {
             }
             return Ok(());
         }
-        if v5 && properties.payload_format_indicator == Some(1) && std::str::from_utf8(&payload).is_err()
+        if v5
+            && properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&payload).is_err()
         {
             if let Some(mut r) = refuse(reason::PAYLOAD_FORMAT_INVALID) {
                 set_reason_props(&mut r, self.reason_props("payload is not UTF-8"));
@@ -752,7 +766,11 @@ impl Connection {
                     "no-local set on a shared subscription",
                 ));
             }
-            if !self.broker.authorizer.may_subscribe(&self.principal, filter) {
+            if !self
+                .broker
+                .authorizer
+                .may_subscribe(&self.principal, filter)
+            {
                 debug!(client = %self.client_id, filter = %filter, "subscribe not authorized");
                 reasons.push(if v5 {
                     reason::NOT_AUTHORIZED
@@ -896,7 +914,8 @@ impl Connection {
                         } else {
                             OutState::AwaitPubRec
                         };
-                        st.inflight.insert(packet_id, Outgoing { delivery: d, state });
+                        st.inflight
+                            .insert(packet_id, Outgoing { delivery: d, state });
                     }
                 }
                 Err(EncodeError::PacketTooLarge { size, max }) => {
@@ -985,4 +1004,3 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
-

@@ -76,13 +76,18 @@ impl Server {
                 .await
                 .map_err(|source| ServerError::Bind { addr, source })
         };
-        let mqtts = (bind(config.mqtts_listen).await?, TlsAcceptor::from(tls_config));
+        let mqtts = (
+            bind(config.mqtts_listen).await?,
+            TlsAcceptor::from(tls_config),
+        );
         let mqtt = match config.mqtt_listen {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
         let broker = if config.allow_anonymous {
-            warn!("--allow-anonymous: any client may connect without credentials and use any topic");
+            warn!(
+                "--allow-anonymous: any client may connect without credentials and use any topic"
+            );
             let a = Arc::new(AllowAnonymous);
             Broker::new(Limits::from_config(config), a.clone(), a)
         } else {
@@ -147,7 +152,10 @@ impl Server {
                 idle.await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(5), wait).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
             warn!(
                 open = tracker.live.load(Ordering::Acquire),
                 "connections still open after 5 s; exiting anyway"
