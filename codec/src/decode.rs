@@ -1,6 +1,6 @@
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::props::{Ctx, Properties};
+use crate::props::{Ctx, Properties, Props};
 use crate::types::*;
 
 /// Why a packet could not be decoded. The broker maps these to reason codes:
@@ -178,7 +178,7 @@ pub fn decode(
             let properties = if v5 {
                 Properties::decode(&mut r, Ctx::ConnAck)?
             } else {
-                Properties::default()
+                Props::default()
             };
             Packet::ConnAck(ConnAck {
                 session_present: ack_flags & 1 == 1,
@@ -213,7 +213,7 @@ pub fn decode(
             let properties = if v5 {
                 Properties::decode(&mut r, Ctx::SubAck)?
             } else {
-                Properties::default()
+                Props::default()
             };
             let reasons = r.rest().to_vec();
             Packet::SubAck(SubAck {
@@ -228,7 +228,7 @@ pub fn decode(
             let properties = if v5 {
                 Properties::decode(&mut r, Ctx::Unsubscribe)?
             } else {
-                Properties::default()
+                Props::default()
             };
             let mut filters = Vec::new();
             while r.remaining() > 0 {
@@ -250,7 +250,7 @@ pub fn decode(
                 let p = Properties::decode(&mut r, Ctx::UnsubAck)?;
                 (p, r.rest().to_vec())
             } else {
-                (Properties::default(), Vec::new())
+                (Props::default(), Vec::new())
             };
             Packet::UnsubAck(UnsubAck {
                 packet_id,
@@ -292,15 +292,15 @@ fn nonzero_id(id: u16) -> Result<u16, DecodeError> {
     }
 }
 
-fn reason_and_props(r: &mut Reader, v5: bool, ctx: Ctx) -> Result<(u8, Properties), DecodeError> {
+fn reason_and_props(r: &mut Reader, v5: bool, ctx: Ctx) -> Result<(u8, Props), DecodeError> {
     if !v5 || r.remaining() == 0 {
-        return Ok((0, Properties::default()));
+        return Ok((0, Props::default()));
     }
     let reason = r.u8()?;
     let props = if r.remaining() > 0 {
         Properties::decode(r, ctx)?
     } else {
-        Properties::default()
+        Props::default()
     };
     Ok((reason, props))
 }
@@ -340,14 +340,14 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     let properties = if v5 {
         Properties::decode(r, Ctx::Connect)?
     } else {
-        Properties::default()
+        Props::default()
     };
     let client_id = r.str()?;
     let will = if will_flag {
         let properties = if v5 {
             Properties::decode(r, Ctx::Will)?
         } else {
-            Properties::default()
+            Props::default()
         };
         let topic = r.str()?;
         let payload = r.binary()?;
@@ -395,7 +395,7 @@ fn decode_publish(r: &mut Reader, flags: u8, v5: bool) -> Result<Publish, Decode
     let properties = if v5 {
         Properties::decode(r, Ctx::Publish)?
     } else {
-        Properties::default()
+        Props::default()
     };
     Ok(Publish {
         dup,
@@ -423,7 +423,7 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
     let properties = if v5 {
         Properties::decode(r, Ctx::Subscribe)?
     } else {
-        Properties::default()
+        Props::default()
     };
     let mut filters = Vec::new();
     while r.remaining() > 0 {

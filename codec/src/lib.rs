@@ -25,7 +25,7 @@ mod types;
 
 pub use decode::{decode, peek_connect_protocol, DecodeError};
 pub use encode::{encode, EncodeError};
-pub use props::Properties;
+pub use props::{Properties, Props};
 pub use types::*;
 
 /// Reason codes (MQTT 5.0 section 2.4) and MQTT 3.1.1 CONNACK return codes.

@@ -79,6 +79,56 @@ pub struct Properties {
     pub shared_subscription_available: Option<u8>,
 }
 
+/// The properties of one packet: nothing allocated when there are none (every
+/// MQTT 3.1.1 packet, most MQTT 5 ones), so packets stay small to move around.
+/// Reads see an empty [`Properties`]; the first write allocates.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Props(Option<Box<Properties>>);
+
+static EMPTY: std::sync::LazyLock<Properties> = std::sync::LazyLock::new(Properties::default);
+
+impl Props {
+    pub fn is_empty(&self) -> bool {
+        self.0.as_deref().is_none_or(Properties::is_empty)
+    }
+
+    pub fn take(&mut self) -> Properties {
+        self.0.take().map(|b| *b).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Props {
+    type Target = Properties;
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&EMPTY)
+    }
+}
+
+impl std::ops::DerefMut for Props {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl From<Properties> for Props {
+    fn from(p: Properties) -> Props {
+        if p.is_empty() {
+            Props(None)
+        } else {
+            Props(Some(Box::new(p)))
+        }
+    }
+}
+
+impl std::fmt::Debug for Props {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("{}"),
+            Some(p) => p.fmt(f),
+        }
+    }
+}
+
 fn set_once<T>(slot: &mut Option<T>, v: T, name: &'static str) -> Result<(), DecodeError> {
     if slot.is_some() {
         return Err(DecodeError::Protocol(name));
@@ -96,11 +146,14 @@ fn bool_byte(v: u8, what: &'static str) -> Result<u8, DecodeError> {
 
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        *self == Properties::default()
+        *self == *EMPTY
     }
 
-    pub(crate) fn decode(r: &mut Reader, ctx: Ctx) -> Result<Properties, DecodeError> {
+    pub(crate) fn decode(r: &mut Reader, ctx: Ctx) -> Result<Props, DecodeError> {
         let len = r.varint()? as usize;
+        if len == 0 {
+            return Ok(Props::default());
+        }
         let mut r = r.sub(len)?;
         let mut p = Properties::default();
         while r.remaining() > 0 {
@@ -259,7 +312,7 @@ impl Properties {
                 _ => unreachable!("filtered above"),
             }
         }
-        Ok(p)
+        Ok(p.into())
     }
 
     /// Length of the encoded property block, without its own length prefix.

@@ -43,7 +43,13 @@ fn rich_props() -> Properties {
 fn every_packet_roundtrips_in_both_versions() {
     for proto in [Protocol::V311, Protocol::V5] {
         let v5 = proto == Protocol::V5;
-        let p = |props: Properties| if v5 { props } else { Properties::default() };
+        let p = |props: Properties| -> Props {
+            if v5 {
+                props.into()
+            } else {
+                Props::default()
+            }
+        };
         let connect = Connect {
             protocol: proto,
             clean_start: true,
@@ -139,7 +145,7 @@ fn every_packet_roundtrips_in_both_versions() {
         roundtrip(
             Packet::SubAck(SubAck {
                 packet_id: 3,
-                properties: Properties::default(),
+                properties: Props::default(),
                 reasons: vec![2, 0x80],
             }),
             proto,
@@ -147,7 +153,7 @@ fn every_packet_roundtrips_in_both_versions() {
         roundtrip(
             Packet::Unsubscribe(Unsubscribe {
                 packet_id: 4,
-                properties: Properties::default(),
+                properties: Props::default(),
                 filters: vec![s("a/+/c")],
             }),
             proto,
@@ -155,7 +161,7 @@ fn every_packet_roundtrips_in_both_versions() {
         roundtrip(
             Packet::UnsubAck(UnsubAck {
                 packet_id: 4,
-                properties: Properties::default(),
+                properties: Props::default(),
                 reasons: if v5 { vec![0, 0x11] } else { vec![] },
             }),
             proto,
@@ -179,7 +185,8 @@ fn every_packet_roundtrips_in_both_versions() {
             properties: Properties {
                 authentication_method: Some(s("SCRAM")),
                 ..Default::default()
-            },
+            }
+            .into(),
         }),
         Protocol::V5,
     );
@@ -319,7 +326,7 @@ fn peek_finds_connect_version() {
         protocol: Protocol::V5,
         clean_start: true,
         keep_alive: 0,
-        properties: Properties::default(),
+        properties: Props::default(),
         client_id: s("x"),
         will: None,
         username: None,
@@ -335,4 +342,15 @@ fn peek_finds_connect_version() {
     .unwrap();
     assert_eq!(peek_connect_protocol(&buf), Some(Protocol::V5));
     assert_eq!(peek_connect_protocol(&[0x30, 0]), None);
+}
+
+#[test]
+fn print_sizes() {
+    eprintln!(
+        "Packet {} Publish {} Properties {} Str {}",
+        std::mem::size_of::<Packet>(),
+        std::mem::size_of::<Publish>(),
+        std::mem::size_of::<Properties>(),
+        std::mem::size_of::<Str>()
+    );
 }

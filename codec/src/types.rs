@@ -1,6 +1,6 @@
 use bytes::Bytes;
 
-use crate::props::Properties;
+use crate::props::Props;
 
 /// Protocol level from CONNECT: 4 for MQTT 3.1.1, 5 for MQTT 5.0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -152,7 +152,7 @@ pub struct Connect {
     pub protocol: Protocol,
     pub clean_start: bool,
     pub keep_alive: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub client_id: Str,
     pub will: Option<Will>,
     pub username: Option<Str>,
@@ -165,7 +165,7 @@ pub struct Will {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 /// `code` is the MQTT 3.1.1 return code or the MQTT 5 reason code.
@@ -173,7 +173,7 @@ pub struct Will {
 pub struct ConnAck {
     pub session_present: bool,
     pub code: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -184,7 +184,7 @@ pub struct Publish {
     pub topic: Str,
     /// Zero for QoS 0.
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub payload: Bytes,
 }
 
@@ -193,7 +193,7 @@ pub struct Publish {
 pub struct PubResp {
     pub packet_id: u16,
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 impl PubResp {
@@ -201,7 +201,7 @@ impl PubResp {
         PubResp {
             packet_id,
             reason,
-            properties: Properties::default(),
+            properties: Props::default(),
         }
     }
 }
@@ -218,21 +218,21 @@ pub struct SubscriptionOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Subscribe {
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub filters: Vec<(Str, SubscriptionOptions)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubAck {
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub reasons: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Unsubscribe {
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub filters: Vec<Str>,
 }
 
@@ -241,18 +241,18 @@ pub struct Unsubscribe {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnsubAck {
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: Props,
     pub reasons: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Disconnect {
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Auth {
     pub reason: u8,
-    pub properties: Properties,
+    pub properties: Props,
 }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use edgehub_codec::{
     decode, encode, peek_connect_protocol, reason, ConnAck, Connect, DecodeError, Disconnect,
-    EncodeError, Packet, Properties, Protocol, PubResp, Publish, QoS, Str, SubAck, Subscribe,
-    UnsubAck, Unsubscribe,
+    EncodeError, Packet, Properties, Props, Protocol, PubResp, Publish, QoS, Str, SubAck,
+    Subscribe, UnsubAck, Unsubscribe,
 };
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -333,7 +333,7 @@ impl Connection {
         let mut ack = ConnAck {
             session_present: attached.session_present,
             code: reason::SUCCESS,
-            properties: Properties::default(),
+            properties: Props::default(),
         };
         if v5 {
             let p = &mut ack.properties;
@@ -466,7 +466,8 @@ impl Connection {
                 properties: Properties {
                     reason_string: Some(Str::from(close.why.as_str())),
                     ..Default::default()
-                },
+                }
+                .into(),
             }));
         }
         if !self.tx.is_empty() {
@@ -500,12 +501,12 @@ impl Connection {
         }
     }
 
-    fn reason_props(&self, why: &str) -> Properties {
-        Properties {
-            reason_string: (self.protocol == Protocol::V5 && self.problem_info)
-                .then(|| Str::from(why)),
-            ..Default::default()
+    fn reason_props(&self, why: &str) -> Props {
+        let mut p = Props::default();
+        if self.protocol == Protocol::V5 && self.problem_info {
+            p.reason_string = Some(Str::from(why));
         }
+        p
     }
 
     fn handle(&mut self, p: Packet) -> Result<(), Close> {
@@ -809,7 +810,7 @@ impl Connection {
         }
         self.send(Packet::SubAck(SubAck {
             packet_id: s.packet_id,
-            properties: Properties::default(),
+            properties: Props::default(),
             reasons,
         }));
         for d in retained {
@@ -834,7 +835,7 @@ impl Connection {
         }
         self.send(Packet::UnsubAck(UnsubAck {
             packet_id: u.packet_id,
-            properties: Properties::default(),
+            properties: Props::default(),
             reasons,
         }));
         Ok(())
@@ -940,11 +941,13 @@ impl Connection {
     ) -> Result<(), EncodeError> {
         let m = &d.message;
         let mut topic = m.topic.clone();
-        let mut properties = Properties::default();
+        let mut properties = Props::default();
         let mut new_alias = None;
         if self.protocol == Protocol::V5 {
             properties = m.properties.clone();
-            properties.subscription_identifiers = d.subscription_ids.clone();
+            if !d.subscription_ids.is_empty() {
+                properties.subscription_identifiers = d.subscription_ids.clone();
+            }
             if let Some(at) = m.expires_at {
                 let left = at.saturating_duration_since(Instant::now());
                 properties.message_expiry_interval = Some(left.as_secs().max(1) as u32);
@@ -992,7 +995,7 @@ fn strip_problem_info(p: &mut Packet) {
     props.user_properties.clear();
 }
 
-fn set_reason_props(p: &mut Packet, props: Properties) {
+fn set_reason_props(p: &mut Packet, props: Props) {
     if let Packet::PubAck(r) | Packet::PubRec(r) = p {
         r.properties = props;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Raw, TestHub};
 use edgehub_codec::{
-    Packet, Properties, Protocol, PubResp, Publish, QoS, Subscribe, SubscriptionOptions,
+    Packet, Properties, Props, Protocol, PubResp, Publish, QoS, Subscribe, SubscriptionOptions,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet as RPacket};
 
@@ -142,7 +142,7 @@ async fn concurrent_takeovers_leave_one_session() {
     }
     // Exactly one connection survives; every other one was told 0x8E and closed.
     let mut alive = 0;
-    for (_, mut r) in conns {
+    for (_, r) in conns.iter_mut() {
         match r.recv_within(Duration::from_millis(1500)).await {
             Err(()) => alive += 1,
             Ok(Some(Packet::Disconnect(d))) => {
@@ -152,7 +152,9 @@ async fn concurrent_takeovers_leave_one_session() {
         }
     }
     assert_eq!(alive, 1);
+    // The survivor's socket is still open (held in `conns`), so its session stays.
     assert_eq!(hub.broker.session_count(), 1);
+    drop(conns);
     hub.stop().await;
 }
 
@@ -166,7 +168,7 @@ async fn outgoing_topic_aliases() {
     let mut sub = Raw::connected(hub.addr, "aliased", Protocol::V5, props).await;
     sub.send(&Packet::Subscribe(Subscribe {
         packet_id: 1,
-        properties: Properties::default(),
+        properties: Props::default(),
         filters: vec![("al/#".into(), SubscriptionOptions::default())],
     }))
     .await;
@@ -212,7 +214,7 @@ async fn a_subscriber_that_never_reads_does_not_stall_others() {
     let filter = || {
         Packet::Subscribe(Subscribe {
             packet_id: 1,
-            properties: Properties::default(),
+            properties: Props::default(),
             filters: vec![(
                 "flood".into(),
                 SubscriptionOptions {

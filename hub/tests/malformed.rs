@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use common::{Raw, TestHub};
 use edgehub_codec::{
-    reason, Packet, Properties, Protocol, Publish, QoS, Subscribe, SubscriptionOptions,
+    reason, Packet, Properties, Props, Protocol, Publish, QoS, Subscribe, SubscriptionOptions,
 };
 
 async fn healthy_pair(hub: &TestHub) -> (Raw, Raw) {
     let mut sub = Raw::connected(hub.addr, "watcher", Protocol::V311, Properties::default()).await;
     sub.send(&Packet::Subscribe(Subscribe {
         packet_id: 1,
-        properties: Properties::default(),
+        properties: Props::default(),
         filters: vec![("health".into(), SubscriptionOptions::default())],
     }))
     .await;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use edgehub_codec::{Properties, Protocol, QoS, SubscriptionOptions, Will};
+use edgehub_codec::{Props, Protocol, QoS, SubscriptionOptions, Will};
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
@@ -136,29 +136,10 @@ impl Broker {
         let kick = Arc::new(Notify::new());
         let mut ended = None;
         let mut session_present = false;
-        let session = match self.sessions.entry(client_id.clone()) {
-            Entry::Occupied(mut e) => {
-                let old = e.get().clone();
-                if let Some(k) = old.kick.lock().take() {
-                    k.notify_one();
-                }
-                if clean_start {
-                    let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
-                    e.insert(fresh.clone());
-                    ended = Some(old);
-                    fresh
-                } else {
-                    session_present = true;
-                    old
-                }
-            }
-            Entry::Vacant(v) => {
-                let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
-                v.insert(fresh.clone());
-                fresh
-            }
-        };
-        let generation = {
+        // Everything below happens under the table entry, so concurrent
+        // CONNECTs with one client id are strictly ordered: each kicks exactly
+        // its predecessor. Lock order: table entry → session state → trie.
+        let activate = |session: &Arc<Session>| {
             let mut st = session.state.lock();
             st.generation += 1;
             st.connected = true;
@@ -167,9 +148,34 @@ impl Broker {
             st.expiry_interval = expiry_interval;
             // A new connection before the will delay passed cancels the will.
             st.will = None;
+            *session.kick.lock() = Some(kick.clone());
             st.generation
         };
-        *session.kick.lock() = Some(kick.clone());
+        let (session, generation) = match self.sessions.entry(client_id.clone()) {
+            Entry::Occupied(mut e) => {
+                let old = e.get().clone();
+                if let Some(k) = old.kick.lock().take() {
+                    k.notify_one();
+                }
+                if clean_start {
+                    let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
+                    e.insert(fresh.clone());
+                    let g = activate(&fresh);
+                    ended = Some(old);
+                    (fresh, g)
+                } else {
+                    session_present = true;
+                    let g = activate(&old);
+                    (old, g)
+                }
+            }
+            Entry::Vacant(v) => {
+                let fresh = Arc::new(Session::new(client_id, protocol, expiry_interval));
+                let g = activate(&fresh);
+                v.insert(fresh.clone());
+                (fresh, g)
+            }
+        };
         if let Some(old) = ended {
             self.end_session(&old);
         }
@@ -235,7 +241,7 @@ impl Broker {
             self.publish_will(w);
         }
         if expiry == 0 {
-            self.remove_session(session);
+            self.remove_session(session, generation);
         } else if expiry != u32::MAX {
             let b = self.clone();
             let s = session.clone();
@@ -248,15 +254,22 @@ impl Broker {
                     }
                 }
                 tracing::debug!(client = %s.client_id, "session expired");
-                b.remove_session(&s);
+                b.remove_session(&s, generation);
             });
         }
     }
 
-    fn remove_session(&self, session: &Arc<Session>) {
+    /// Removes the session unless a newer connection attached to it since
+    /// `generation` (checked under the table entry, as `attach` updates it).
+    fn remove_session(&self, session: &Arc<Session>, generation: u64) {
         let removed = self
             .sessions
-            .remove_if(&session.client_id, |_, v| Arc::ptr_eq(v, session))
+            .remove_if(&session.client_id, |_, v| {
+                Arc::ptr_eq(v, session) && {
+                    let st = v.state.lock();
+                    st.generation == generation && !st.connected
+                }
+            })
             .is_some();
         if removed {
             self.end_session(session);
@@ -293,9 +306,10 @@ impl Broker {
                 "will not published: not authorized");
             return;
         }
-        let mut properties = w.will.properties;
-        let expiry = properties.message_expiry_interval.take();
-        properties.will_delay_interval = None;
+        let (mut properties, expiry) = forwarded_properties(w.will.properties);
+        if !properties.is_empty() {
+            properties.will_delay_interval = None;
+        }
         let msg = Message {
             topic: w.will.topic,
             payload: w.will.payload,
@@ -326,7 +340,7 @@ impl Broker {
 
     fn route(&self, msg: &Arc<Message>) -> usize {
         let mut targets: Vec<(Arc<str>, SubEntry)> = Vec::new();
-        let mut picked: Vec<(Arc<str>, SubEntry)> = Vec::new();
+        let mut groups: Vec<(Vec<(Arc<str>, SubEntry)>, usize)> = Vec::new();
         {
             let tree = self.subscriptions.read();
             tree.for_each_match(
@@ -337,14 +351,16 @@ impl Broker {
                     }
                     targets.push((client.clone(), *e));
                 },
-                |group| {
-                    if let Some(m) = self.pick_shared(group.members, group.start) {
-                        picked.push(m);
-                    }
-                },
+                |group| groups.push((group.members.to_vec(), group.start)),
             );
         }
-        targets.append(&mut picked);
+        // Picking looks sessions up in the table, which must not happen under
+        // the trie lock (lock order: table → session → trie).
+        for (members, start) in &groups {
+            if let Some(m) = self.pick_shared(members, *start) {
+                targets.push(m);
+            }
+        }
         if targets.is_empty() {
             return 0;
         }
@@ -474,7 +490,10 @@ fn split_share(filter: &str) -> (Option<&str>, &str) {
 }
 
 /// Properties a message carries from publisher to subscriber.
-pub fn forwarded_properties(mut p: Properties) -> (Properties, Option<u32>) {
+pub fn forwarded_properties(mut p: Props) -> (Props, Option<u32>) {
+    if p.is_empty() {
+        return (p, None);
+    }
     let expiry = p.message_expiry_interval.take();
     p.topic_alias = None;
     p.subscription_identifiers.clear();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use edgehub_codec::{Properties, Protocol, QoS, Str, SubscriptionOptions, Will};
+use edgehub_codec::{Props, Protocol, QoS, Str, SubscriptionOptions, Will};
 
 use crate::auth::Principal;
 use parking_lot::Mutex;
@@ -26,7 +26,7 @@ pub struct Message {
     /// Forwarded MQTT 5 properties: payload format, content type, response
     /// topic, correlation data, user properties. Never topic alias or
     /// subscription identifiers (those are per hop).
-    pub properties: Properties,
+    pub properties: Props,
     pub expires_at: Option<Instant>,
     /// Client id of the publishing session, for no-local.
     pub origin: Option<Arc<str>>,

@@ -65,7 +65,7 @@ pub fn connect_packet(client_id: &str, protocol: Protocol, properties: Propertie
         protocol,
         clean_start: true,
         keep_alive: 60,
-        properties,
+        properties: properties.into(),
         client_id: client_id.into(),
         will: None,
         username: None,
