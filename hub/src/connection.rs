@@ -748,7 +748,7 @@ impl Connection {
         for (filter, opts) in &s.filters {
             let shared = parse_shared(filter);
             let valid = match shared {
-                Err(()) => false,
+                Err(_) => false,
                 Ok(None) => valid_filter(filter),
                 Ok(Some(_)) => true,
             };

@@ -189,7 +189,7 @@ async fn bad_first_packets_are_closed() {
         ][..17],
     )
     .await;
-    c.send_raw(&[b'x']).await;
+    c.send_raw(b"x").await;
     match c.recv().await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code, reason::MALFORMED_PACKET),
         other => panic!("expected CONNACK, got {other:?}"),

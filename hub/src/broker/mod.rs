@@ -339,8 +339,8 @@ impl Broker {
     }
 
     fn route(&self, msg: &Arc<Message>) -> usize {
-        let mut targets: Vec<(Arc<str>, SubEntry)> = Vec::new();
-        let mut groups: Vec<(Vec<(Arc<str>, SubEntry)>, usize)> = Vec::new();
+        let mut targets: Vec<Target> = Vec::new();
+        let mut groups: Vec<(Vec<Target>, usize)> = Vec::new();
         {
             let tree = self.subscriptions.read();
             tree.for_each_match(
@@ -474,6 +474,9 @@ impl Broker {
             .collect()
     }
 }
+
+/// A session (by client id) and the subscription that matched.
+type Target = (Arc<str>, SubEntry);
 
 /// The will delay of an MQTT 5 will; zero otherwise.
 pub fn will_delay(w: &Will) -> u32 {

@@ -26,15 +26,19 @@ pub fn valid_filter(filter: &str) -> bool {
     true
 }
 
+/// A filter that starts with `$share/` but is not `$share/{group}/{filter}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid shared subscription")]
+pub struct InvalidSharedSubscription;
+
 /// `$share/{group}/{filter}` split into (group, filter); `None` for a plain filter.
-/// `Err` when it starts with `$share/` but is not a valid shared subscription.
-pub fn parse_shared(filter: &str) -> Result<Option<(&str, &str)>, ()> {
+pub fn parse_shared(filter: &str) -> Result<Option<(&str, &str)>, InvalidSharedSubscription> {
     let Some(rest) = filter.strip_prefix("$share/") else {
         return Ok(None);
     };
-    let (group, inner) = rest.split_once('/').ok_or(())?;
+    let (group, inner) = rest.split_once('/').ok_or(InvalidSharedSubscription)?;
     if group.is_empty() || group.contains(['+', '#']) || !valid_filter(inner) {
-        return Err(());
+        return Err(InvalidSharedSubscription);
     }
     Ok(Some((group, inner)))
 }
