@@ -458,6 +458,14 @@ impl Connection {
 
     async fn finish<W: AsyncWrite + Unpin>(mut self, close: Close, wr: &mut W) {
         debug!(peer = %self.peer, client = %self.client_id, reason = %close.why, "connection closing");
+        // The session goes offline before the socket closes, so a client that
+        // sees the close knows its session no longer takes QoS 0 messages.
+        self.broker.detach(
+            &self.session,
+            self.generation,
+            close.ending,
+            self.will.take(),
+        );
         if let (Some(code), Protocol::V5) = (close.reason, self.protocol) {
             // The reason string tells the user why (and paho 2.1 only reads the
             // reason code of a DISCONNECT longer than two bytes).
@@ -474,12 +482,6 @@ impl Connection {
             let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&self.tx)).await;
         }
         let _ = tokio::time::timeout(CLOSE_FLUSH, wr.shutdown()).await;
-        self.broker.detach(
-            &self.session,
-            self.generation,
-            close.ending,
-            self.will.take(),
-        );
     }
 
     /// Encodes a control packet within the client's maximum packet size,

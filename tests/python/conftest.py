@@ -202,7 +202,12 @@ class Client:
 
     def disconnect(self, properties=None, reasoncode=None):
         self.c.disconnect(reasoncode=reasoncode, properties=properties)
+        self.disconnects.get(timeout=5)
         self.c.loop_stop()
+        # paho closes its socket right after writing DISCONNECT, without waiting
+        # for the hub; give the hub a moment to process it before the test's next
+        # step depends on the session being offline.
+        time.sleep(0.2)
 
     def kill(self):
         """Drop the TCP connection without DISCONNECT, as a crashed device would."""
