@@ -76,6 +76,7 @@ def test_retained_messages(hub, client_factory, version):
     pub.connect()
     pub.publish("r/a", b"kept", qos=1, retain=True)
     pub.publish("r/b", b"also", qos=0, retain=True)
+    pub.publish("sync/after-r-b", b"", qos=1)  # in-order round trip: r/b is stored
     sub = client_factory("rs", version=version)
     sub.connect()
     sub.subscribe("r/+", 1)

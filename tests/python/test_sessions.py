@@ -18,6 +18,9 @@ def test_v311_persistent_session_queues_qos1_and_qos2(hub, client_factory):
     pub.publish("p/1", b"q1", qos=1)
     pub.publish("p/2", b"q2", qos=2)
     pub.publish("p/0", b"q0", qos=0)  # QoS 0 is not kept for offline sessions
+    # The hub handles one connection's packets in order: once this PUBACK is
+    # back, the QoS 0 message above has been routed too.
+    pub.publish("sync/after-p0", b"", qos=1)
     again = client_factory("persist-3", version=3, clean=False)
     rc, flags, _ = again.connect()
     assert flags.session_present is True
