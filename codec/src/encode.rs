@@ -1,6 +1,6 @@
 use bytes::{BufMut, BytesMut};
 
-use crate::props::{varint_len, write_bin, write_varint, Properties};
+use crate::props::{varint_len, write_bin, write_varint, Props};
 use crate::types::*;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,9 +15,11 @@ pub enum EncodeError {
 
 const MAX_REMAINING: usize = 268_435_455;
 
-fn props_len(v5: bool, p: &Properties) -> (usize, usize) {
-    if !v5 {
-        return (0, 0);
+/// (properties length, with its length prefix). Takes `Props` so MQTT 3.1.1
+/// packets never touch the property block at all.
+fn props_len(v5: bool, p: &Props) -> (usize, usize) {
+    if !v5 || p.is_none() {
+        return (0, usize::from(v5));
     }
     let l = p.encoded_len();
     (l, varint_len(l) + l)
@@ -109,9 +111,13 @@ pub fn encode(
     out.reserve(size);
     out.put_u8(first);
     write_varint(remaining, out);
-    let props = |p: &Properties, out: &mut BytesMut| {
+    let props = |p: &Props, out: &mut BytesMut| {
         if v5 {
-            p.encode(p.encoded_len(), out)
+            if p.is_none() {
+                out.put_u8(0);
+            } else {
+                p.encode(p.encoded_len(), out)
+            }
         }
     };
     match packet {
@@ -228,7 +234,7 @@ fn pub_resp_len(v5: bool, r: &PubResp) -> usize {
     }
 }
 
-fn reason_props_len(v5: bool, reason: u8, p: &Properties) -> usize {
+fn reason_props_len(v5: bool, reason: u8, p: &Props) -> usize {
     if !v5 || (reason == 0 && p.is_empty()) {
         0
     } else if p.is_empty() {

@@ -85,11 +85,46 @@ pub struct Properties {
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Props(Option<Box<Properties>>);
 
-static EMPTY: std::sync::LazyLock<Properties> = std::sync::LazyLock::new(Properties::default);
+/// Built at compile time: a `LazyLock` here cost a synchronisation check on
+/// every property read of every packet.
+static EMPTY: Properties = Properties {
+    payload_format_indicator: None,
+    message_expiry_interval: None,
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    subscription_identifiers: Vec::new(),
+    session_expiry_interval: None,
+    assigned_client_identifier: None,
+    server_keep_alive: None,
+    authentication_method: None,
+    authentication_data: None,
+    request_problem_information: None,
+    will_delay_interval: None,
+    request_response_information: None,
+    response_information: None,
+    server_reference: None,
+    reason_string: None,
+    receive_maximum: None,
+    topic_alias_maximum: None,
+    topic_alias: None,
+    maximum_qos: None,
+    retain_available: None,
+    user_properties: Vec::new(),
+    maximum_packet_size: None,
+    wildcard_subscription_available: None,
+    subscription_identifier_available: None,
+    shared_subscription_available: None,
+};
 
 impl Props {
     pub fn is_empty(&self) -> bool {
         self.0.as_deref().is_none_or(Properties::is_empty)
+    }
+
+    /// Nothing allocated: no property was ever set.
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
     }
 
     pub fn take(&mut self) -> Properties {
@@ -146,7 +181,7 @@ fn bool_byte(v: u8, what: &'static str) -> Result<u8, DecodeError> {
 
 impl Properties {
     pub fn is_empty(&self) -> bool {
-        *self == *EMPTY
+        *self == EMPTY
     }
 
     pub(crate) fn decode(r: &mut Reader, ctx: Ctx) -> Result<Props, DecodeError> {

@@ -46,9 +46,14 @@ pub struct Str(Bytes);
 impl Str {
     /// Checks MQTT's rules for UTF-8 strings.
     pub fn from_bytes(b: Bytes) -> Option<Str> {
-        let s = std::str::from_utf8(&b).ok()?;
-        if s.contains('\0') {
-            return None;
+        // Every topic of every PUBLISH passes here. Topics are nearly always
+        // ASCII, so one word-at-a-time pass checks "ASCII and no NUL" at once;
+        // only other strings pay for full UTF-8 validation plus a NUL search.
+        if !ascii_without_nul(&b) {
+            let s = std::str::from_utf8(&b).ok()?;
+            if s.contains('\0') {
+                return None;
+            }
         }
         Some(Str(b))
     }
@@ -104,6 +109,21 @@ impl std::fmt::Display for Str {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// True when every byte is in 0x01..=0x7F.
+fn ascii_without_nul(b: &[u8]) -> bool {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+        // High bit set anywhere, or a zero byte (classic has-zero-byte test).
+        if (w | (w.wrapping_sub(LO) & !w)) & HI != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&c| c != 0 && c < 0x80)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
