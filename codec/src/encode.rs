@@ -42,11 +42,18 @@ pub fn encode(
     max_size: usize,
 ) -> Result<usize, EncodeError> {
     let v5 = protocol == Protocol::V5;
+    // Length of the packet's property block, computed once for both passes.
+    let mut plen = 0;
+    let mut pl = |v5: bool, p: &Props| {
+        let (l, with_prefix) = props_len(v5, p);
+        plen = l;
+        with_prefix
+    };
     // (first byte, remaining length) first, so each packet is written once.
     let (first, remaining) = match packet {
         Packet::Connect(c) => {
             let v5 = c.protocol == Protocol::V5;
-            let mut n = 2 + 4 + 1 + 1 + 2 + props_len(v5, &c.properties).1 + 2 + c.client_id.len();
+            let mut n = 2 + 4 + 1 + 1 + 2 + pl(v5, &c.properties) + 2 + c.client_id.len();
             if let Some(w) = &c.will {
                 str_fits(&w.payload)?;
                 n += props_len(v5, &w.properties).1 + 2 + w.topic.len() + 2 + w.payload.len();
@@ -60,43 +67,41 @@ pub fn encode(
             }
             (0x10, n)
         }
-        Packet::ConnAck(c) => (0x20, 2 + props_len(v5, &c.properties).1),
+        Packet::ConnAck(c) => (0x20, 2 + pl(v5, &c.properties)),
         Packet::Publish(p) => {
             str_fits(p.topic.as_bytes())?;
             let id = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
             let first = 0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
             (
                 first,
-                2 + p.topic.len() + id + props_len(v5, &p.properties).1 + p.payload.len(),
+                2 + p.topic.len() + id + pl(v5, &p.properties) + p.payload.len(),
             )
         }
-        Packet::PubAck(r) => (0x40, pub_resp_len(v5, r)),
-        Packet::PubRec(r) => (0x50, pub_resp_len(v5, r)),
-        Packet::PubRel(r) => (0x62, pub_resp_len(v5, r)),
-        Packet::PubComp(r) => (0x70, pub_resp_len(v5, r)),
+        Packet::PubAck(r) => (0x40, pub_resp_len(v5, r, &mut pl)),
+        Packet::PubRec(r) => (0x50, pub_resp_len(v5, r, &mut pl)),
+        Packet::PubRel(r) => (0x62, pub_resp_len(v5, r, &mut pl)),
+        Packet::PubComp(r) => (0x70, pub_resp_len(v5, r, &mut pl)),
         Packet::Subscribe(s) => (
             0x82,
-            2 + props_len(v5, &s.properties).1
-                + s.filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>(),
+            2 + pl(v5, &s.properties) + s.filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>(),
         ),
-        Packet::SubAck(s) => (0x90, 2 + props_len(v5, &s.properties).1 + s.reasons.len()),
+        Packet::SubAck(s) => (0x90, 2 + pl(v5, &s.properties) + s.reasons.len()),
         Packet::Unsubscribe(u) => (
             0xA2,
-            2 + props_len(v5, &u.properties).1
-                + u.filters.iter().map(|f| 2 + f.len()).sum::<usize>(),
+            2 + pl(v5, &u.properties) + u.filters.iter().map(|f| 2 + f.len()).sum::<usize>(),
         ),
         Packet::UnsubAck(u) => (
             0xB0,
             if v5 {
-                2 + props_len(v5, &u.properties).1 + u.reasons.len()
+                2 + pl(v5, &u.properties) + u.reasons.len()
             } else {
                 2
             },
         ),
         Packet::PingReq => (0xC0, 0),
         Packet::PingResp => (0xD0, 0),
-        Packet::Disconnect(d) => (0xE0, reason_props_len(v5, d.reason, &d.properties)),
-        Packet::Auth(a) => (0xF0, reason_props_len(v5, a.reason, &a.properties)),
+        Packet::Disconnect(d) => (0xE0, reason_props_len(v5, d.reason, &d.properties, &mut pl)),
+        Packet::Auth(a) => (0xF0, reason_props_len(v5, a.reason, &a.properties, &mut pl)),
     };
     if remaining > MAX_REMAINING {
         return Err(EncodeError::Unencodable);
@@ -116,7 +121,7 @@ pub fn encode(
             if p.is_none() {
                 out.put_u8(0);
             } else {
-                p.encode(p.encoded_len(), out)
+                p.encode(plen, out)
             }
         }
     };
@@ -138,7 +143,7 @@ pub fn encode(
             out.put_u8(flags);
             out.put_u16(c.keep_alive);
             if v5 {
-                c.properties.encode(c.properties.encoded_len(), out);
+                c.properties.encode(plen, out);
             }
             write_bin(c.client_id.as_bytes(), out);
             if let Some(w) = &c.will {
@@ -224,22 +229,27 @@ pub fn encode(
     Ok(size)
 }
 
-fn pub_resp_len(v5: bool, r: &PubResp) -> usize {
+fn pub_resp_len(v5: bool, r: &PubResp, pl: &mut impl FnMut(bool, &Props) -> usize) -> usize {
     if !v5 || (r.reason == 0 && r.properties.is_empty()) {
         2
     } else if r.properties.is_empty() {
         3
     } else {
-        3 + props_len(v5, &r.properties).1
+        3 + pl(v5, &r.properties)
     }
 }
 
-fn reason_props_len(v5: bool, reason: u8, p: &Props) -> usize {
+fn reason_props_len(
+    v5: bool,
+    reason: u8,
+    p: &Props,
+    pl: &mut impl FnMut(bool, &Props) -> usize,
+) -> usize {
     if !v5 || (reason == 0 && p.is_empty()) {
         0
     } else if p.is_empty() {
         1
     } else {
-        1 + props_len(v5, p).1
+        1 + pl(v5, p)
     }
 }
