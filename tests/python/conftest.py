@@ -220,11 +220,19 @@ class Client:
         self.c.loop_stop()
 
 
+@pytest.fixture(params=["tcp", "tls"])
+def transport(request):
+    """Every test built on client_factory runs over plain TCP and over TLS
+    (trusting the generated CA); tests may still pin a transport."""
+    return request.param
+
+
 @pytest.fixture
-def client_factory(hub):
+def client_factory(hub, transport):
     made = []
 
     def make(*a, target=None, **kw):
+        kw.setdefault("transport", transport)
         c = Client(target or hub, *a, **kw)
         made.append(c)
         return c
