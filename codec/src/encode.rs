@@ -71,15 +71,7 @@ pub fn encode(
             (0x10, n)
         }
         Packet::ConnAck(c) => (0x20, 2 + pl(v5, &c.properties)),
-        Packet::Publish(p) => {
-            str_fits(p.topic.as_bytes())?;
-            let id = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
-            let first = 0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
-            (
-                first,
-                2 + p.topic.len() + id + pl(v5, &p.properties) + p.payload.len(),
-            )
-        }
+        Packet::Publish(_) => unreachable!("handled by encode_publish"),
         Packet::PubAck(r) => (0x40, pub_resp_len(v5, r, &mut pl)),
         Packet::PubRec(r) => (0x50, pub_resp_len(v5, r, &mut pl)),
         Packet::PubRel(r) => (0x62, pub_resp_len(v5, r, &mut pl)),
@@ -168,14 +160,7 @@ pub fn encode(
             out.put_u8(c.code);
             props(&c.properties, out);
         }
-        Packet::Publish(p) => {
-            write_bin(p.topic.as_bytes(), out);
-            if p.qos != QoS::AtMostOnce {
-                out.put_u16(p.packet_id);
-            }
-            props(&p.properties, out);
-            out.put_slice(&p.payload);
-        }
+        Packet::Publish(_) => unreachable!("handled by encode_publish"),
         Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
             out.put_u16(r.packet_id);
             if v5 && !(r.reason == 0 && r.properties.is_empty()) {

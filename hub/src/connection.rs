@@ -511,24 +511,31 @@ impl Connection {
         p
     }
 
+    /// The last acknowledgement of an outgoing message (PUBACK for QoS 1,
+    /// PUBCOMP for QoS 2) frees its packet id and window slot. Acks for ids
+    /// not in that state are ignored (a late duplicate after a resend).
+    fn complete(&self, packet_id: u16, expected: OutState) {
+        let mut st = self.session.state.lock();
+        if st.generation == self.generation
+            && st
+                .inflight
+                .get(&packet_id)
+                .is_some_and(|o| o.state == expected)
+        {
+            st.inflight.remove(&packet_id);
+            self.broker
+                .stats
+                .messages_sent
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn handle(&mut self, p: Packet) -> Result<(), Close> {
         let v5 = self.protocol == Protocol::V5;
         match p {
             Packet::Publish(p) => self.on_publish(p),
             Packet::PubAck(r) => {
-                let mut st = self.session.state.lock();
-                if st.generation == self.generation
-                    && st
-                        .inflight
-                        .get(&r.packet_id)
-                        .is_some_and(|o| o.state == OutState::AwaitPubAck)
-                {
-                    st.inflight.remove(&r.packet_id);
-                    self.broker
-                        .stats
-                        .messages_sent
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+                self.complete(r.packet_id, OutState::AwaitPubAck);
                 Ok(())
             }
             Packet::PubRec(r) => {
@@ -558,19 +565,7 @@ impl Connection {
                 Ok(())
             }
             Packet::PubComp(r) => {
-                let mut st = self.session.state.lock();
-                if st.generation == self.generation
-                    && st
-                        .inflight
-                        .get(&r.packet_id)
-                        .is_some_and(|o| o.state == OutState::AwaitPubComp)
-                {
-                    st.inflight.remove(&r.packet_id);
-                    self.broker
-                        .stats
-                        .messages_sent
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+                self.complete(r.packet_id, OutState::AwaitPubComp);
                 Ok(())
             }
             Packet::PubRel(r) => {

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use edgehub_codec::{Props, Protocol, QoS, SubscriptionOptions, Will};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::auth::{Authenticator, Authorizer, Principal};
@@ -90,7 +91,10 @@ pub struct Broker {
     pub authorizer: Arc<dyn Authorizer>,
     pub stats: Stats,
     sessions: DashMap<Arc<str>, Arc<Session>>,
-    subscriptions: RwLock<SubscriptionTree>,
+    /// Read-mostly snapshot: publishers load it without a lock.
+    subscriptions: ArcSwap<SubscriptionTree>,
+    /// Serialises changes to `subscriptions` (clone, change, swap).
+    subscriptions_writer: Mutex<()>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
 }
 
@@ -106,7 +110,8 @@ impl Broker {
             authorizer,
             stats: Stats::default(),
             sessions: DashMap::new(),
-            subscriptions: RwLock::new(SubscriptionTree::default()),
+            subscriptions: ArcSwap::from_pointee(SubscriptionTree::default()),
+            subscriptions_writer: Mutex::new(()),
             retained: RwLock::new(HashMap::new()),
         })
     }
@@ -116,7 +121,17 @@ impl Broker {
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.subscriptions.read().len()
+        self.subscriptions.load().len()
+    }
+
+    /// Changes the subscription tree: writers take turns, readers keep using
+    /// the snapshot they loaded until they load again.
+    fn update_subscriptions<R>(&self, change: impl FnOnce(&mut SubscriptionTree) -> R) -> R {
+        let _writer = self.subscriptions_writer.lock();
+        let mut tree = SubscriptionTree::clone(&self.subscriptions.load());
+        let result = change(&mut tree);
+        self.subscriptions.store(Arc::new(tree));
+        result
     }
 
     pub fn retained_count(&self) -> usize {
@@ -138,7 +153,7 @@ impl Broker {
         let mut session_present = false;
         // Everything below happens under the table entry, so concurrent
         // CONNECTs with one client id are strictly ordered: each kicks exactly
-        // its predecessor. Lock order: table entry → session state → trie.
+        // its predecessor. Lock order: table entry → session state → trie writer.
         let activate = |session: &Arc<Session>| {
             let mut st = session.state.lock();
             st.generation += 1;
@@ -289,11 +304,12 @@ impl Broker {
             (std::mem::take(&mut st.subscriptions), st.will.take())
         };
         if !subs.is_empty() {
-            let mut tree = self.subscriptions.write();
-            for filter in subs.keys() {
-                let (share, inner) = split_share(filter);
-                tree.remove(&session.client_id, share, inner);
-            }
+            self.update_subscriptions(|tree| {
+                for filter in subs.keys() {
+                    let (share, inner) = split_share(filter);
+                    tree.remove(&session.client_id, share, inner);
+                }
+            });
         }
         if let Some(w) = will {
             self.publish_will(w);
@@ -342,7 +358,7 @@ impl Broker {
         let mut targets: Vec<Target> = Vec::new();
         let mut groups: Vec<(Vec<Target>, usize)> = Vec::new();
         {
-            let tree = self.subscriptions.read();
+            let tree = self.subscriptions.load();
             tree.for_each_match(
                 &msg.topic,
                 |client, e| {
@@ -354,8 +370,8 @@ impl Broker {
                 |group| groups.push((group.members.to_vec(), group.start)),
             );
         }
-        // Picking looks sessions up in the table, which must not happen under
-        // the trie lock (lock order: table → session → trie).
+        // Picking looks sessions up in the table; done after the snapshot is
+        // released so the snapshot guard is held as briefly as possible.
         for (members, start) in &groups {
             if let Some(m) = self.pick_shared(members, *start) {
                 targets.push(m);
@@ -437,12 +453,9 @@ impl Broker {
             return None;
         }
         let (share, inner) = split_share(filter);
-        let existed = self.subscriptions.write().insert(
-            &session.client_id,
-            share,
-            inner,
-            SubEntry { options, id },
-        );
+        let existed = self.update_subscriptions(|tree| {
+            tree.insert(&session.client_id, share, inner, SubEntry { options, id })
+        });
         st.subscriptions.insert(filter.to_owned(), (options, id));
         Some(existed)
     }
@@ -457,9 +470,7 @@ impl Broker {
             return Some(false);
         }
         let (share, inner) = split_share(filter);
-        self.subscriptions
-            .write()
-            .remove(&session.client_id, share, inner);
+        self.update_subscriptions(|tree| tree.remove(&session.client_id, share, inner));
         Some(true)
     }
 

@@ -98,8 +98,8 @@ pub struct Session {
     pub wake: Notify,
     /// Tells the current connection it was taken over or must close.
     pub kick: Mutex<Option<Arc<Notify>>>,
-    /// Mirrors `SessionState::connected` for readers that must not take the
-    /// session mutex (shared-subscription picking runs under the trie lock).
+    /// Mirrors `SessionState::connected` for shared-subscription picking,
+    /// which runs on every matching publish and should not take the mutex.
     pub online: AtomicBool,
 }
 

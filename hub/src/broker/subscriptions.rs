@@ -2,13 +2,22 @@
 //!
 //! Matching walks at most the levels of the topic plus the `+`/`#` branches, so
 //! its cost grows with topic depth and the number of matches, not with the
-//! number of filters. The broker keeps it behind a `parking_lot::RwLock`:
-//! publishers only take the read side (concurrent, uncontended on the hot
-//! path); SUBSCRIBE/UNSUBSCRIBE take the write side briefly.
+//! number of filters.
+//!
+//! The tree is a persistent value: its maps are `imbl` hash array mapped tries,
+//! so cloning it is O(1) and a change copies only the path it touches. The
+//! broker publishes it as a read-mostly snapshot (`arc_swap`): publishers read
+//! the current snapshot without taking any lock; SUBSCRIBE/UNSUBSCRIBE, one
+//! at a time, clone it, change it and swap the new one in.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Topic levels are short strings hashed on every match: foldhash (the
+/// hasher hashbrown uses) instead of SipHash. Keys come from clients, so it
+/// is the randomly seeded variant.
+type HashMap<K, V> =
+    imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 
 use edgehub_codec::{QoS, SubscriptionOptions};
 
@@ -19,13 +28,14 @@ pub struct SubEntry {
     pub id: Option<u32>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct SharedGroup {
     members: Vec<(Arc<str>, SubEntry)>,
-    next: AtomicUsize,
+    /// Shared by every snapshot, so round robin continues across changes.
+    next: Arc<AtomicUsize>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Node {
     children: HashMap<Box<str>, Node>,
     direct: HashMap<Arc<str>, SubEntry>,
@@ -45,7 +55,7 @@ pub struct SharedMatch<'a> {
     pub start: usize,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct SubscriptionTree {
     root: Node,
     count: usize,
@@ -147,7 +157,7 @@ impl SubscriptionTree {
     ) {
         let dollar = topic.starts_with('$');
         let mut visit = |node: &'a Node| {
-            for (c, e) in &node.direct {
+            for (c, e) in node.direct.iter() {
                 direct(c, e);
             }
             for g in node.shared.values() {
