@@ -75,10 +75,11 @@ def test_bad_certificate_file_is_a_clear_error(binary, tmp_path):
     assert "bogus.pem" in r.stderr and "certificate" in r.stderr
 
 
-def test_sigterm_disconnects_clients_and_exits_cleanly(hub):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_signal_disconnects_clients_and_exits_cleanly(hub, sig):
     c = Client(hub, "bye", version=5)
     c.connect()
-    assert hub.stop(signal.SIGTERM) == 0
+    assert hub.stop(sig) == 0
     rc, _ = c.disconnects.get(timeout=5)
     assert rc.value == 0x8B  # Server shutting down
     c.c.loop_stop()
