@@ -1,0 +1,772 @@
+//! Route conditions: compiled once from the syntax tree into a typed
+//! expression tree, evaluated per message with IoT Hub's three-valued logic
+//! (a route matches only when its condition is `true`; `undefined` does not).
+//!
+//! Typing follows IoT Edge's compiler: every expression has a static type
+//! (number, string, bool, null, undefined, or the dynamic type of `$body`
+//! queries); operators require matching operand types and a mismatch such as
+//! arithmetic on a string property is a compile error, not a run-time miss.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use crate::message::{Message, SystemProperty};
+use crate::syntax::{Ast, BinOp, Node, Parser, SyntaxError};
+
+/// Static types, as IoT Edge names them in its error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Number,
+    String,
+    Bool,
+    Null,
+    Undefined,
+    /// A `$body` query: known only when the message arrives.
+    Dynamic,
+    /// A sub-expression that already failed to compile. It matches anything,
+    /// so one mistake is reported once: IoT Edge goes on to report every
+    /// operator above it ("have 'undefined' and 'number'"), which only hides
+    /// the real cause.
+    Error,
+}
+
+impl Type {
+    fn name(self) -> &'static str {
+        match self {
+            Type::Number => "number",
+            Type::String => "string",
+            Type::Bool => "bool",
+            Type::Null => "null",
+            Type::Undefined => "undefined",
+            Type::Dynamic => "unknown",
+            Type::Error => "error",
+        }
+    }
+
+    fn matches(expected: Type, given: Type) -> bool {
+        let supported = |t| matches!(t, Type::Null | Type::Number | Type::String | Type::Bool);
+        expected == Type::Error
+            || given == Type::Error
+            || expected == given
+            || (given == Type::Dynamic && supported(expected))
+            || (expected == Type::Dynamic && supported(given))
+    }
+}
+
+/// A run-time value. Strings borrow from the message where they can.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Undefined,
+    Null,
+    Bool(bool),
+    Number(f64),
+    String(Cow<'a, str>),
+    /// A JSON object or array from the body: defined, never equal to anything.
+    Object,
+}
+
+impl Value<'_> {
+    fn rank(&self) -> u8 {
+        match self {
+            Value::Undefined => 0,
+            Value::Null => 1,
+            Value::Bool(_) => 2,
+            Value::Number(_) => 3,
+            Value::String(_) => 4,
+            Value::Object => 5,
+        }
+    }
+}
+
+/// A `$body` path: `a.b[0].c`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Step {
+    Key(Box<str>),
+    Index(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Builtin {
+    Abs,
+    Exp,
+    Power,
+    Square,
+    Ceiling,
+    Floor,
+    Sign,
+    Sqrt,
+    AsNumber,
+    IsBool,
+    IsDefined,
+    IsNull,
+    IsNumber,
+    IsString,
+    Concat,
+    Length,
+    Lower,
+    Upper,
+    Substring,
+    IndexOf,
+    StartsWith,
+    EndsWith,
+    Contains,
+}
+
+impl Builtin {
+    fn lookup(name: &str) -> Option<Builtin> {
+        use Builtin::*;
+        Some(match name.to_ascii_lowercase().as_str() {
+            "abs" => Abs,
+            "exp" => Exp,
+            "power" => Power,
+            "square" => Square,
+            "ceiling" => Ceiling,
+            "floor" => Floor,
+            "sign" => Sign,
+            "sqrt" => Sqrt,
+            "as_number" => AsNumber,
+            "is_bool" => IsBool,
+            "is_defined" => IsDefined,
+            "is_null" => IsNull,
+            "is_number" => IsNumber,
+            "is_string" => IsString,
+            "concat" => Concat,
+            "length" => Length,
+            "lower" => Lower,
+            "upper" => Upper,
+            "substring" => Substring,
+            "index_of" => IndexOf,
+            "starts_with" => StartsWith,
+            "ends_with" => EndsWith,
+            "contains" => Contains,
+            _ => return None,
+        })
+    }
+
+    /// Accepted argument lists and the result type.
+    fn signatures(self) -> (&'static [&'static [Type]], Type) {
+        use Builtin::*;
+        use Type::*;
+        match self {
+            Abs | Exp | Square | Ceiling | Floor | Sign | Sqrt => (&[&[Number]], Number),
+            Power => (&[&[Number, Number]], Number),
+            AsNumber => (&[&[String], &[Number]], Number),
+            IsBool | IsDefined | IsNull | IsNumber | IsString => (&[], Bool),
+            Concat => (&[], String),
+            Length => (&[&[String]], Number),
+            Lower | Upper => (&[&[String]], String),
+            Substring => (&[&[String, Number], &[String, Number, Number]], String),
+            IndexOf => (&[&[String, String]], Number),
+            StartsWith | EndsWith | Contains => (&[&[String, String]], Bool),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Expr {
+    Const(Value<'static>),
+    /// An application property.
+    App(Arc<str>),
+    /// `$name`: the application property `$name` if the message has one,
+    /// else the system property (`None`: no such system property).
+    AppOrSys(Arc<str>, Option<SystemProperty>),
+    Sys(Option<SystemProperty>),
+    /// `$body.path`: the application property of that literal name wins.
+    AppOrBody(Arc<str>, Vec<Step>),
+    Body(Vec<Step>),
+    TwinChangeIncludes(Vec<Step>),
+    Neg(Box<Expr>),
+    Not(Box<Expr>),
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    Call(Builtin, Vec<Expr>),
+}
+
+/// A compiled condition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    expr: Expr,
+}
+
+/// Compile errors of one condition, each positioned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+pub struct CompileErrors(pub Vec<SyntaxError>);
+
+/// Compile context: the text errors point into, and whether the route reads
+/// twin change notifications (only those may use `twin_change_includes`).
+pub(crate) struct Ctx<'a> {
+    pub parser: &'a Parser<'a>,
+    pub twin_source: bool,
+}
+
+impl Condition {
+    /// Compiles a stand-alone condition (positions relative to it).
+    pub fn compile(text: &str) -> Result<Condition, CompileErrors> {
+        Condition::compile_in(text, 0, text, false)
+    }
+
+    pub(crate) fn compile_in(
+        full: &str,
+        base: usize,
+        text: &str,
+        twin_source: bool,
+    ) -> Result<Condition, CompileErrors> {
+        let parser = Parser::new(full, base, text);
+        let ast = Parser::new(full, base, text)
+            .parse_condition()
+            .map_err(|e| CompileErrors(vec![e]))?;
+        let ctx = Ctx {
+            parser: &parser,
+            twin_source,
+        };
+        let mut errors = Vec::new();
+        let (expr, _) = compile(&ctx, &ast, &mut errors);
+        if errors.is_empty() {
+            Ok(Condition { expr })
+        } else {
+            Err(CompileErrors(errors))
+        }
+    }
+
+    /// The three-valued result: `Some(true)`, `Some(false)` or `None` (undefined).
+    pub fn evaluate(&self, msg: &Message) -> Option<bool> {
+        match eval(&self.expr, msg) {
+            Value::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Whether a route with this condition takes the message.
+    pub fn matches(&self, msg: &Message) -> bool {
+        self.evaluate(msg) == Some(true)
+    }
+
+    /// The value of the whole expression (for `edgehub routes test`).
+    pub fn value<'a>(&self, msg: &'a Message) -> Value<'a> {
+        eval(&self.expr, msg)
+    }
+}
+
+fn operand_error(
+    ctx: &Ctx,
+    node: &Node,
+    op: &str,
+    expected: &[Type],
+    given: &[Type],
+) -> SyntaxError {
+    let arity = match expected.len() {
+        1 => "unary ",
+        2 => "binary ",
+        _ => "",
+    };
+    let list = |ts: &[Type]| {
+        ts.iter()
+            .map(|t| format!("'{}'", t.name()))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    };
+    ctx.parser.error_at(
+        node.start,
+        format!(
+            "Invalid operands to {arity}operator '{op}': have {}, expected {}",
+            list(given),
+            list(expected)
+        ),
+    )
+}
+
+fn parse_body_path(path: &str) -> Option<Vec<Step>> {
+    let mut steps = Vec::new();
+    for seg in path.split('.') {
+        let (name, mut rest) = match seg.find('[') {
+            Some(i) => (&seg[..i], &seg[i..]),
+            None => (seg, ""),
+        };
+        if name.is_empty() && steps.is_empty() {
+            return None;
+        }
+        if !name.is_empty() {
+            steps.push(Step::Key(name.into()));
+        }
+        while !rest.is_empty() {
+            let close = rest.find(']')?;
+            let inner = &rest[1..close];
+            let inner_unquoted = inner
+                .strip_prefix('\'')
+                .and_then(|s| s.strip_suffix('\''))
+                .or_else(|| inner.strip_prefix('"').and_then(|s| s.strip_suffix('"')));
+            match inner_unquoted {
+                Some(key) => steps.push(Step::Key(key.into())),
+                None => steps.push(Step::Index(inner.parse().ok()?)),
+            }
+            rest = &rest[close + 1..];
+            if !rest.is_empty() && !rest.starts_with('[') {
+                return None;
+            }
+        }
+    }
+    (!steps.is_empty()).then_some(steps)
+}
+
+fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type) {
+    let undefined = (Expr::Const(Value::Undefined), Type::Undefined);
+    let failed = (Expr::Const(Value::Undefined), Type::Error);
+    match &node.ast {
+        Ast::Str(s) => (
+            Expr::Const(Value::String(Cow::Owned(s.clone()))),
+            Type::String,
+        ),
+        Ast::Num(v) => (Expr::Const(Value::Number(*v)), Type::Number),
+        Ast::Bool(b) => (Expr::Const(Value::Bool(*b)), Type::Bool),
+        Ast::Null => (Expr::Const(Value::Null), Type::Null),
+        Ast::Undefined => undefined,
+        Ast::Prop(name) => (Expr::App(name.as_str().into()), Type::String),
+        Ast::SysProp(text) | Ast::EscapedSysProp(text) => {
+            let escaped = matches!(node.ast, Ast::EscapedSysProp(_));
+            let is_body = text.len() > 6 && text[..6].eq_ignore_ascii_case("$body.");
+            if is_body {
+                match parse_body_path(&text[6..]) {
+                    Some(steps) if escaped || text.contains(['[', ']']) => {
+                        (Expr::Body(steps), Type::Dynamic)
+                    }
+                    Some(steps) => (Expr::AppOrBody(text.as_str().into(), steps), Type::Dynamic),
+                    None => {
+                        errors.push(ctx.parser.error_at(
+                            node.start,
+                            format!(
+                                "Invalid body query '{text}': expected $body.name[.name|[index]]…"
+                            ),
+                        ));
+                        failed
+                    }
+                }
+            } else if text.contains(['[', ']']) {
+                undefined
+            } else {
+                let sys = SystemProperty::from_name(&text[1..]);
+                if escaped {
+                    (Expr::Sys(sys), Type::String)
+                } else {
+                    (Expr::AppOrSys(text.as_str().into(), sys), Type::String)
+                }
+            }
+        }
+        Ast::Neg(inner) => {
+            let (e, t) = compile(ctx, inner, errors);
+            if Type::matches(Type::Number, t) {
+                (
+                    Expr::Neg(Box::new(e)),
+                    if t == Type::Dynamic { t } else { Type::Number },
+                )
+            } else {
+                errors.push(operand_error(ctx, node, "-", &[Type::Number], &[t]));
+                failed
+            }
+        }
+        Ast::Not(inner) => {
+            let (e, t) = compile(ctx, inner, errors);
+            let expected = if t == Type::Null {
+                Type::Null
+            } else {
+                Type::Bool
+            };
+            if Type::matches(expected, t) {
+                (Expr::Not(Box::new(e)), Type::Bool)
+            } else {
+                errors.push(operand_error(ctx, node, "NOT", &[expected], &[t]));
+                failed
+            }
+        }
+        Ast::Bin(op, l, r) => {
+            let (le, lt) = compile(ctx, l, errors);
+            let (re, rt) = compile(ctx, r, errors);
+            let sym = op.symbol();
+            let check = |expected: Type, errors: &mut Vec<SyntaxError>| {
+                let ok = Type::matches(expected, lt) && Type::matches(expected, rt);
+                if !ok {
+                    errors.push(operand_error(
+                        ctx,
+                        node,
+                        sym,
+                        &[expected, expected],
+                        &[lt, rt],
+                    ));
+                }
+                ok
+            };
+            let dynamic = lt == Type::Dynamic || rt == Type::Dynamic;
+            let bin = |ty| {
+                (
+                    Expr::Bin(*op, Box::new(le.clone()), Box::new(re.clone())),
+                    ty,
+                )
+            };
+            match op {
+                BinOp::Mul | BinOp::Div | BinOp::Mod | BinOp::Add | BinOp::Sub => {
+                    if check(Type::Number, errors) {
+                        bin(if dynamic { Type::Dynamic } else { Type::Number })
+                    } else {
+                        failed
+                    }
+                }
+                BinOp::Concat => {
+                    if check(Type::String, errors) {
+                        bin(Type::String)
+                    } else {
+                        failed
+                    }
+                }
+                BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge | BinOp::Eq | BinOp::Ne => {
+                    if check(lt, errors) {
+                        bin(Type::Bool)
+                    } else {
+                        failed
+                    }
+                }
+                BinOp::And | BinOp::Or => {
+                    let logical =
+                        |t| matches!(t, Type::Null | Type::Bool | Type::Undefined | Type::Dynamic);
+                    // IoT Edge accepts any right operand when the left one is a
+                    // body query (its check reads the left type twice); kept
+                    // for conformance.
+                    let ok = logical(lt) && (logical(rt) || lt == Type::Dynamic);
+                    if ok {
+                        bin(Type::Bool)
+                    } else {
+                        errors.push(operand_error(
+                            ctx,
+                            node,
+                            sym,
+                            &[Type::Bool, Type::Bool],
+                            &[lt, rt],
+                        ));
+                        undefined
+                    }
+                }
+                BinOp::Coalesce => {
+                    if check(lt, errors) {
+                        if lt == Type::Undefined {
+                            (re, rt)
+                        } else {
+                            bin(lt)
+                        }
+                    } else {
+                        failed
+                    }
+                }
+            }
+        }
+        Ast::Call(name, args, raw) => {
+            if name.eq_ignore_ascii_case("twin_change_includes") {
+                if !ctx.twin_source {
+                    errors.push(ctx.parser.error_at(
+                        node.start,
+                        format!("Invalid built-in function '{name}' (only for routes FROM /twinChangeNotifications)"),
+                    ));
+                    return failed;
+                }
+                return match parse_body_path(raw) {
+                    Some(steps) if args.len() == 1 => (Expr::TwinChangeIncludes(steps), Type::Bool),
+                    _ => {
+                        errors.push(ctx.parser.error_at(
+                            node.start,
+                            format!("Invalid arguments to built-in function '{name}': expected a property path such as properties.reported.temperature"),
+                        ));
+                        failed
+                    }
+                };
+            }
+            let Some(builtin) = Builtin::lookup(name) else {
+                errors.push(
+                    ctx.parser
+                        .error_at(node.start, format!("Invalid built-in function '{name}'")),
+                );
+                return undefined;
+            };
+            let compiled: Vec<(Expr, Type)> =
+                args.iter().map(|a| compile(ctx, a, errors)).collect();
+            let given: Vec<Type> = compiled.iter().map(|(_, t)| *t).collect();
+            let (sigs, result) = builtin.signatures();
+            let ok = match builtin {
+                Builtin::IsBool
+                | Builtin::IsDefined
+                | Builtin::IsNull
+                | Builtin::IsNumber
+                | Builtin::IsString => given.len() == 1,
+                Builtin::Concat => {
+                    given.len() >= 2 && given.iter().all(|t| Type::matches(Type::String, *t))
+                }
+                _ => sigs.iter().any(|sig| {
+                    sig.len() == given.len()
+                        && sig.iter().zip(&given).all(|(e, g)| Type::matches(*e, *g))
+                }),
+            };
+            if !ok {
+                let list = given
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                errors.push(ctx.parser.error_at(
+                    node.start,
+                    format!("Invalid arguments to built-in function '{name}': {name}({list})"),
+                ));
+                return failed;
+            }
+            (
+                Expr::Call(builtin, compiled.into_iter().map(|(e, _)| e).collect()),
+                result,
+            )
+        }
+    }
+}
+
+fn json_value(v: &serde_json::Value) -> Value<'_> {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => n.as_f64().map_or(Value::Undefined, Value::Number),
+        serde_json::Value::String(s) => Value::String(Cow::Borrowed(s)),
+        _ => Value::Object,
+    }
+}
+
+fn walk<'a>(root: &'a serde_json::Value, steps: &[Step]) -> Option<&'a serde_json::Value> {
+    let mut v = root;
+    for s in steps {
+        v = match s {
+            Step::Key(k) => v.as_object()?.get(&**k)?,
+            Step::Index(i) => v.as_array()?.get(*i)?,
+        };
+    }
+    Some(v)
+}
+
+fn sys<'a>(msg: &'a Message, p: Option<SystemProperty>) -> Value<'a> {
+    match p.and_then(|p| msg.system(p)) {
+        Some(v) => Value::String(Cow::Borrowed(v)),
+        None => Value::Undefined,
+    }
+}
+
+fn compare(op: BinOp, l: &Value, r: &Value) -> Value<'static> {
+    use Value::*;
+    let ord = match (l, r) {
+        (Undefined, _) | (_, Undefined) => return Undefined,
+        (Null, Null) => Ordering::Equal,
+        // C#'s double.CompareTo: NaN equals NaN and sorts first.
+        (Number(a), Number(b)) => match (a.is_nan(), b.is_nan()) {
+            (true, true) => Ordering::Equal,
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+            _ => a.partial_cmp(b).expect("no NaN"),
+        },
+        (String(a), String(b)) => a.cmp(b),
+        (Bool(a), Bool(b)) => a.cmp(b),
+        (Object, Object) => {
+            return Bool(matches!(op, BinOp::Ne));
+        }
+        _ => l.rank().cmp(&r.rank()),
+    };
+    Bool(match op {
+        BinOp::Eq => ord == Ordering::Equal,
+        BinOp::Ne => ord != Ordering::Equal,
+        BinOp::Lt => ord == Ordering::Less,
+        BinOp::Le => ord != Ordering::Greater,
+        BinOp::Gt => ord == Ordering::Greater,
+        BinOp::Ge => ord != Ordering::Less,
+        _ => unreachable!("comparison operator"),
+    })
+}
+
+fn truth(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        _ => None,
+    }
+}
+
+fn utf16_len(s: &str) -> usize {
+    s.encode_utf16().count()
+}
+
+fn eval<'a>(e: &Expr, msg: &'a Message) -> Value<'a> {
+    match e {
+        Expr::Const(v) => v.clone(),
+        Expr::App(name) => match msg.property(name) {
+            Some(v) => Value::String(Cow::Borrowed(v)),
+            None => Value::Undefined,
+        },
+        Expr::AppOrSys(name, p) => match msg.property(name) {
+            Some(v) => Value::String(Cow::Borrowed(v)),
+            None => sys(msg, *p),
+        },
+        Expr::Sys(p) => sys(msg, *p),
+        Expr::AppOrBody(name, steps) => match msg.property(name) {
+            Some(v) => Value::String(Cow::Borrowed(v)),
+            None => msg
+                .body_json()
+                .and_then(|j| walk(j, steps))
+                .map_or(Value::Undefined, json_value),
+        },
+        Expr::Body(steps) => msg
+            .body_json()
+            .and_then(|j| walk(j, steps))
+            .map_or(Value::Undefined, json_value),
+        Expr::TwinChangeIncludes(steps) => {
+            let Some(body) = msg.body_json() else {
+                return Value::Undefined;
+            };
+            Value::Bool(walk(body, steps).is_some())
+        }
+        Expr::Neg(inner) => match eval(inner, msg) {
+            Value::Number(v) => Value::Number(-v),
+            _ => Value::Undefined,
+        },
+        Expr::Not(inner) => match eval(inner, msg) {
+            Value::Bool(b) => Value::Bool(!b),
+            _ => Value::Undefined,
+        },
+        Expr::Bin(op, l, r) => match op {
+            BinOp::And => {
+                let a = truth(&eval(l, msg));
+                if a == Some(false) {
+                    return Value::Bool(false);
+                }
+                match (a, truth(&eval(r, msg))) {
+                    (_, Some(false)) => Value::Bool(false),
+                    (Some(true), Some(true)) => Value::Bool(true),
+                    _ => Value::Undefined,
+                }
+            }
+            BinOp::Or => {
+                let a = truth(&eval(l, msg));
+                if a == Some(true) {
+                    return Value::Bool(true);
+                }
+                match (a, truth(&eval(r, msg))) {
+                    (_, Some(true)) => Value::Bool(true),
+                    (Some(false), Some(false)) => Value::Bool(false),
+                    _ => Value::Undefined,
+                }
+            }
+            BinOp::Coalesce => match eval(l, msg) {
+                Value::Undefined => eval(r, msg),
+                v => v,
+            },
+            BinOp::Concat => match (eval(l, msg), eval(r, msg)) {
+                (Value::String(a), Value::String(b)) => {
+                    Value::String(Cow::Owned(format!("{a}{b}")))
+                }
+                _ => Value::Undefined,
+            },
+            BinOp::Mul | BinOp::Div | BinOp::Mod | BinOp::Add | BinOp::Sub => {
+                match (eval(l, msg), eval(r, msg)) {
+                    (Value::Number(a), Value::Number(b)) => Value::Number(match op {
+                        BinOp::Mul => a * b,
+                        BinOp::Div => a / b,
+                        BinOp::Mod => a % b,
+                        BinOp::Add => a + b,
+                        _ => a - b,
+                    }),
+                    _ => Value::Undefined,
+                }
+            }
+            _ => compare(*op, &eval(l, msg), &eval(r, msg)),
+        },
+        Expr::Call(b, args) => call(*b, args, msg),
+    }
+}
+
+fn call<'a>(b: Builtin, args: &[Expr], msg: &'a Message) -> Value<'a> {
+    use Builtin::*;
+    let vals: Vec<Value<'a>> = args.iter().map(|a| eval(a, msg)).collect();
+    let num = |i: usize| match vals.get(i) {
+        Some(Value::Number(v)) => Some(*v),
+        _ => None,
+    };
+    let text = |i: usize| match vals.get(i) {
+        Some(Value::String(s)) => Some(s.as_ref()),
+        _ => None,
+    };
+    let n = |v: Option<f64>| v.map_or(Value::Undefined, Value::Number);
+    let bool_of = |v: Option<bool>| v.map_or(Value::Undefined, Value::Bool);
+    match b {
+        Abs => n(num(0).map(f64::abs)),
+        Exp => n(num(0).map(f64::exp)),
+        Power => n(num(0).zip(num(1)).map(|(a, b)| a.powf(b))),
+        Square => n(num(0).map(|a| a * a)),
+        Ceiling => n(num(0).map(f64::ceil)),
+        Floor => n(num(0).map(f64::floor)),
+        Sign => n(num(0).map(|a| {
+            if a > 0.0 {
+                1.0
+            } else if a < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        })),
+        Sqrt => n(num(0).map(f64::sqrt)),
+        AsNumber => match &vals[0] {
+            Value::Number(v) => Value::Number(*v),
+            Value::String(s) => n(s.trim().parse::<f64>().ok()),
+            _ => Value::Undefined,
+        },
+        IsBool => Value::Bool(matches!(vals[0], Value::Bool(_))),
+        IsDefined => Value::Bool(!matches!(vals[0], Value::Undefined)),
+        IsNull => Value::Bool(matches!(vals[0], Value::Null)),
+        IsNumber => Value::Bool(matches!(vals[0], Value::Number(_))),
+        IsString => Value::Bool(matches!(vals[0], Value::String(_))),
+        Concat => {
+            let mut out = String::new();
+            for v in &vals {
+                match v {
+                    Value::String(s) => out.push_str(s),
+                    _ => return Value::Undefined,
+                }
+            }
+            Value::String(Cow::Owned(out))
+        }
+        Length => n(text(0).map(|s| utf16_len(s) as f64)),
+        Lower => text(0).map_or(Value::Undefined, |s| {
+            Value::String(Cow::Owned(s.to_lowercase()))
+        }),
+        Upper => text(0).map_or(Value::Undefined, |s| {
+            Value::String(Cow::Owned(s.to_uppercase()))
+        }),
+        Substring => {
+            let (Some(s), Some(start)) = (text(0), num(1)) else {
+                return Value::Undefined;
+            };
+            let units: Vec<u16> = s.encode_utf16().collect();
+            if start < 0.0 || start.fract() != 0.0 || start as usize > units.len() {
+                return Value::Undefined;
+            }
+            let start = start as usize;
+            let end = match vals.get(2) {
+                None => units.len(),
+                Some(Value::Number(len)) if *len >= 0.0 && len.fract() == 0.0 => {
+                    (start + *len as usize).min(units.len())
+                }
+                _ => return Value::Undefined,
+            };
+            String::from_utf16(&units[start..end])
+                .map_or(Value::Undefined, |s| Value::String(Cow::Owned(s)))
+        }
+        IndexOf => match (text(0), text(1)) {
+            (Some(s), Some(sub)) => Value::Number(match s.find(sub) {
+                Some(byte) => utf16_len(&s[..byte]) as f64,
+                None => -1.0,
+            }),
+            _ => Value::Undefined,
+        },
+        StartsWith => bool_of(text(0).zip(text(1)).map(|(s, p)| s.starts_with(p))),
+        EndsWith => bool_of(text(0).zip(text(1)).map(|(s, p)| s.ends_with(p))),
+        Contains => bool_of(text(0).zip(text(1)).map(|(s, p)| s.contains(p))),
+    }
+}
+
+#[cfg(test)]
+mod tests;
