@@ -441,7 +441,7 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
                             &[Type::Bool, Type::Bool],
                             &[lt, rt],
                         ));
-                        undefined
+                        failed
                     }
                 }
                 BinOp::Coalesce => {

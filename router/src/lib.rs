@@ -8,8 +8,12 @@
 
 pub mod condition;
 pub mod message;
+pub mod route;
 mod syntax;
 
 pub use condition::{CompileErrors, Condition, Type, Value};
 pub use message::{Message, MessageSource, SystemProperty};
+pub use route::{
+    Decision, Endpoint, Route, RouteError, RouteTable, SharedRouteTable, Source, DEFAULT_PRIORITY,
+};
 pub use syntax::{Pos, SyntaxError};
