@@ -10,8 +10,12 @@ use clap::Parser;
 ///
 /// Every flag can also be set through the environment variable shown with it.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "edgehub", version)]
+#[command(name = "edgehub", version, args_conflicts_with_subcommands = true)]
 pub struct Config {
+    /// Without a command, edgehub runs the hub.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Directory for the hub's state. The generated development TLS CA is
     /// written there as `ca.pem` so clients can trust it.
     #[arg(long, env = "EDGEHUB_DATA_DIR", default_value = "edgehub-data")]
@@ -83,6 +87,40 @@ pub struct Config {
     /// Seconds a client has to complete the TLS handshake and send CONNECT.
     #[arg(long, env = "EDGEHUB_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout: u64,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Work with IoT Edge routes without running the hub.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RoutesCommand {
+    /// Evaluate one route against one message and say whether it matches.
+    ///
+    /// The message file is JSON: {"body": "text"} or {"bodyBase64": "…"},
+    /// "properties": {name: value} (application properties, strings),
+    /// "systemProperties": {"contentType": "application/json",
+    /// "contentEncoding": "utf-8", "connectionDeviceId": "…", …}, and
+    /// "source": "telemetry" (default), "twinChangeNotifications" or
+    /// "/messages/modules/<module>/outputs/<output>".
+    Test {
+        /// The route, e.g. "FROM /messages/* WHERE $body.temp > 30 INTO $upstream".
+        #[arg(long)]
+        route: String,
+        /// Path of the message JSON file.
+        #[arg(long)]
+        message: PathBuf,
+    },
+    /// Check every route of a deployment manifest (the whole manifest with
+    /// modulesContent.$edgeHub, or just the $edgeHub desired properties).
+    /// Exits with 1 when any route is invalid.
+    Check {
+        /// Path of the deployment JSON file.
+        deployment: PathBuf,
+    },
 }
 
 impl Config {

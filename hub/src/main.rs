@@ -1,10 +1,22 @@
 use anyhow::Context;
 use clap::Parser;
+use edgehub::config::{Command, RoutesCommand};
 use edgehub::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Command::Routes(cmd)) = &config.command {
+        return match cmd {
+            RoutesCommand::Test { route, message } => edgehub::routes_cli::test(route, message),
+            RoutesCommand::Check { deployment } => {
+                if edgehub::routes_cli::check(deployment)? > 0 {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_new(&config.log)
