@@ -243,7 +243,7 @@ impl Condition {
     }
 
     /// The value of the whole expression (for `edgehub routes test`).
-    pub fn value<'a>(&self, msg: &'a Message) -> Value<'a> {
+    pub fn value<'a>(&'a self, msg: &'a Message) -> Value<'a> {
         eval(&self.expr, msg)
     }
 }
@@ -591,8 +591,11 @@ fn utf16_len(s: &str) -> usize {
     s.encode_utf16().count()
 }
 
-fn eval<'a>(e: &Expr, msg: &'a Message) -> Value<'a> {
+/// Results borrow from the compiled expression and the message, so string
+/// constants and properties are compared without allocating.
+fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
     match e {
+        Expr::Const(Value::String(s)) => Value::String(Cow::Borrowed(s.as_ref())),
         Expr::Const(v) => v.clone(),
         Expr::App(name) => match msg.property(name) {
             Some(v) => Value::String(Cow::Borrowed(v)),
@@ -679,7 +682,7 @@ fn eval<'a>(e: &Expr, msg: &'a Message) -> Value<'a> {
     }
 }
 
-fn call<'a>(b: Builtin, args: &[Expr], msg: &'a Message) -> Value<'a> {
+fn call<'a>(b: Builtin, args: &'a [Expr], msg: &'a Message) -> Value<'a> {
     use Builtin::*;
     let vals: Vec<Value<'a>> = args.iter().map(|a| eval(a, msg)).collect();
     let num = |i: usize| match vals.get(i) {
