@@ -163,6 +163,13 @@ impl Builtin {
     }
 }
 
+/// A system property: one with a field, or any other by name.
+#[derive(Debug, Clone, PartialEq)]
+enum SysRef {
+    Known(SystemProperty),
+    Named(Arc<str>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Expr {
     Const(Value<'static>),
@@ -170,8 +177,8 @@ enum Expr {
     App(Arc<str>),
     /// `$name`: the application property `$name` if the message has one,
     /// else the system property (`None`: no such system property).
-    AppOrSys(Arc<str>, Option<SystemProperty>),
-    Sys(Option<SystemProperty>),
+    AppOrSys(Arc<str>, SysRef),
+    Sys(SysRef),
     /// `$body.path`: the application property of that literal name wins.
     AppOrBody(Arc<str>, Vec<Step>),
     Body(Vec<Step>),
@@ -186,6 +193,9 @@ enum Expr {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition {
     expr: Expr,
+    /// A condition whose static type is null (`null`, `null AND x`) is false;
+    /// a null that a `$body` query finds at run time is undefined.
+    ty: Type,
 }
 
 /// Compile errors of one condition, each positioned.
@@ -213,6 +223,13 @@ impl Condition {
         twin_source: bool,
     ) -> Result<Condition, CompileErrors> {
         let parser = Parser::new(full, base, text);
+        if text.trim().is_empty() {
+            // IoT Edge compiles an empty condition to undefined.
+            return Ok(Condition {
+                expr: Expr::Const(Value::Undefined),
+                ty: Type::Undefined,
+            });
+        }
         let ast = Parser::new(full, base, text)
             .parse_condition()
             .map_err(|e| CompileErrors(vec![e]))?;
@@ -221,9 +238,9 @@ impl Condition {
             twin_source,
         };
         let mut errors = Vec::new();
-        let (expr, _) = compile(&ctx, &ast, &mut errors);
+        let (expr, ty) = compile(&ctx, &ast, &mut errors);
         if errors.is_empty() {
-            Ok(Condition { expr })
+            Ok(Condition { expr, ty })
         } else {
             Err(CompileErrors(errors))
         }
@@ -233,6 +250,7 @@ impl Condition {
     pub fn evaluate(&self, msg: &Message) -> Option<bool> {
         match eval(&self.expr, msg) {
             Value::Bool(b) => Some(b),
+            Value::Null if self.ty == Type::Null => Some(false),
             _ => None,
         }
     }
@@ -344,7 +362,11 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
             } else if text.contains(['[', ']']) {
                 undefined
             } else {
-                let sys = SystemProperty::from_name(&text[1..]);
+                let name = &text[1..];
+                let sys = match SystemProperty::from_name(name) {
+                    Some(p) => SysRef::Known(p),
+                    None => SysRef::Named(name.into()),
+                };
                 if escaped {
                     (Expr::Sys(sys), Type::String)
                 } else {
@@ -371,7 +393,10 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
             } else {
                 Type::Bool
             };
-            if Type::matches(expected, t) {
+            if t == Type::Null {
+                // A null is false in a boolean context: NOT null is true.
+                (Expr::Const(Value::Bool(true)), Type::Bool)
+            } else if Type::matches(expected, t) {
                 (Expr::Not(Box::new(e)), Type::Bool)
             } else {
                 errors.push(operand_error(ctx, node, "NOT", &[expected], &[t]));
@@ -431,7 +456,20 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
                     // body query (its check reads the left type twice); kept
                     // for conformance.
                     let ok = logical(lt) && (logical(rt) || lt == Type::Dynamic);
-                    if ok {
+                    let null_l = lt == Type::Null;
+                    let null_r = rt == Type::Null;
+                    if ok && *op == BinOp::And && (null_l || null_r) {
+                        // IoT Edge: AND with a null operand is null.
+                        (Expr::Const(Value::Null), Type::Null)
+                    } else if ok && *op == BinOp::Or && null_l && null_r {
+                        (Expr::Const(Value::Null), Type::Null)
+                    } else if ok && (null_l || null_r) {
+                        // OR: a null operand counts as false.
+                        let f = || Box::new(Expr::Const(Value::Bool(false)));
+                        let l2 = if null_l { f() } else { Box::new(le.clone()) };
+                        let r2 = if null_r { f() } else { Box::new(re.clone()) };
+                        (Expr::Bin(BinOp::Or, l2, r2), Type::Bool)
+                    } else if ok {
                         bin(Type::Bool)
                     } else {
                         errors.push(operand_error(
@@ -543,8 +581,12 @@ fn walk<'a>(root: &'a serde_json::Value, steps: &[Step]) -> Option<&'a serde_jso
     Some(v)
 }
 
-fn sys<'a>(msg: &'a Message, p: Option<SystemProperty>) -> Value<'a> {
-    match p.and_then(|p| msg.system(p)) {
+fn sys<'a>(msg: &'a Message, p: &SysRef) -> Value<'a> {
+    let v = match p {
+        SysRef::Known(p) => msg.system(*p),
+        SysRef::Named(n) => msg.other_system(n),
+    };
+    match v {
         Some(v) => Value::String(Cow::Borrowed(v)),
         None => Value::Undefined,
     }
@@ -555,12 +597,10 @@ fn compare(op: BinOp, l: &Value, r: &Value) -> Value<'static> {
     let ord = match (l, r) {
         (Undefined, _) | (_, Undefined) => return Undefined,
         (Null, Null) => Ordering::Equal,
-        // C#'s double.CompareTo: NaN equals NaN and sorts first.
-        (Number(a), Number(b)) => match (a.is_nan(), b.is_nan()) {
-            (true, true) => Ordering::Equal,
-            (true, false) => Ordering::Less,
-            (false, true) => Ordering::Greater,
-            _ => a.partial_cmp(b).expect("no NaN"),
+        // NaN is undefined, as in IoT Edge; infinities compare normally.
+        (Number(a), Number(b)) => match a.partial_cmp(b) {
+            Some(o) => o,
+            None => return Undefined,
         },
         (String(a), String(b)) => a.cmp(b),
         (Bool(a), Bool(b)) => a.cmp(b),
@@ -578,6 +618,16 @@ fn compare(op: BinOp, l: &Value, r: &Value) -> Value<'static> {
         BinOp::Ge => ord != Ordering::Less,
         _ => unreachable!("comparison operator"),
     })
+}
+
+/// NaN is not a number the language can talk about: it is undefined
+/// (`3 % 0`, `sqrt(-4)`). Infinities are defined.
+fn number(v: f64) -> Value<'static> {
+    if v.is_nan() {
+        Value::Undefined
+    } else {
+        Value::Number(v)
+    }
 }
 
 fn truth(v: &Value) -> Option<bool> {
@@ -603,9 +653,9 @@ fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
         },
         Expr::AppOrSys(name, p) => match msg.property(name) {
             Some(v) => Value::String(Cow::Borrowed(v)),
-            None => sys(msg, *p),
+            None => sys(msg, p),
         },
-        Expr::Sys(p) => sys(msg, *p),
+        Expr::Sys(p) => sys(msg, p),
         Expr::AppOrBody(name, steps) => match msg.property(name) {
             Some(v) => Value::String(Cow::Borrowed(v)),
             None => msg
@@ -624,7 +674,7 @@ fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
             Value::Bool(walk(body, steps).is_some())
         }
         Expr::Neg(inner) => match eval(inner, msg) {
-            Value::Number(v) => Value::Number(-v),
+            Value::Number(v) => number(-v),
             _ => Value::Undefined,
         },
         Expr::Not(inner) => match eval(inner, msg) {
@@ -666,7 +716,7 @@ fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
             },
             BinOp::Mul | BinOp::Div | BinOp::Mod | BinOp::Add | BinOp::Sub => {
                 match (eval(l, msg), eval(r, msg)) {
-                    (Value::Number(a), Value::Number(b)) => Value::Number(match op {
+                    (Value::Number(a), Value::Number(b)) => number(match op {
                         BinOp::Mul => a * b,
                         BinOp::Div => a / b,
                         BinOp::Mod => a % b,
@@ -693,7 +743,7 @@ fn call<'a>(b: Builtin, args: &'a [Expr], msg: &'a Message) -> Value<'a> {
         Some(Value::String(s)) => Some(s.as_ref()),
         _ => None,
     };
-    let n = |v: Option<f64>| v.map_or(Value::Undefined, Value::Number);
+    let n = |v: Option<f64>| v.map_or(Value::Undefined, number);
     let bool_of = |v: Option<bool>| v.map_or(Value::Undefined, Value::Bool);
     match b {
         Abs => n(num(0).map(f64::abs)),
@@ -713,14 +763,15 @@ fn call<'a>(b: Builtin, args: &'a [Expr], msg: &'a Message) -> Value<'a> {
         })),
         Sqrt => n(num(0).map(f64::sqrt)),
         AsNumber => match &vals[0] {
-            Value::Number(v) => Value::Number(*v),
+            Value::Number(v) => number(*v),
             Value::String(s) => n(s.trim().parse::<f64>().ok()),
             _ => Value::Undefined,
         },
         IsBool => Value::Bool(matches!(vals[0], Value::Bool(_))),
         IsDefined => Value::Bool(!matches!(vals[0], Value::Undefined)),
         IsNull => Value::Bool(matches!(vals[0], Value::Null)),
-        IsNumber => Value::Bool(matches!(vals[0], Value::Number(_))),
+        // Infinity is defined but is not a number here (`is_number(3 / 0)`).
+        IsNumber => Value::Bool(matches!(vals[0], Value::Number(v) if v.is_finite())),
         IsString => Value::Bool(matches!(vals[0], Value::String(_))),
         Concat => {
             let mut out = String::new();

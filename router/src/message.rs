@@ -86,8 +86,11 @@ impl SystemProperty {
         }
     }
 
+    /// Case-insensitive, like every property name in the query language.
     pub fn from_name(name: &str) -> Option<SystemProperty> {
-        SystemProperty::ALL.into_iter().find(|p| p.name() == name)
+        SystemProperty::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -101,6 +104,8 @@ pub struct Message {
     /// scan beats hashing.
     pub properties: Vec<(Arc<str>, Arc<str>)>,
     system: [Option<Arc<str>>; SystemProperty::ALL.len()],
+    /// System properties without a field (protocol heads may add their own).
+    other_system: Vec<(Arc<str>, Arc<str>)>,
     pub source: Option<MessageSource>,
     body_json: OnceLock<Option<serde_json::Value>>,
 }
@@ -111,6 +116,7 @@ impl Clone for Message {
             body: self.body.clone(),
             properties: self.properties.clone(),
             system: self.system.clone(),
+            other_system: self.other_system.clone(),
             source: self.source.clone(),
             body_json: OnceLock::new(),
         }
@@ -141,16 +147,46 @@ impl Message {
     }
 
     pub fn set_property(&mut self, name: &str, value: &str) {
-        match self.properties.iter_mut().find(|(k, _)| &**k == name) {
+        match self
+            .properties
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
             Some(slot) => slot.1 = value.into(),
             None => self.properties.push((name.into(), value.into())),
         }
     }
 
+    /// Property names compare case-insensitively, as in IoT Hub (`KEY1`
+    /// finds `key1`).
     pub fn property(&self, name: &str) -> Option<&Arc<str>> {
         self.properties
             .iter()
-            .find(|(k, _)| &**k == name)
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Sets a system property by name: a known one goes to its field, any
+    /// other is kept by name.
+    pub fn set_system_named(&mut self, name: &str, value: &str) {
+        match SystemProperty::from_name(name) {
+            Some(p) => self.set_system(p, value),
+            None => match self
+                .other_system
+                .iter_mut()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            {
+                Some(slot) => slot.1 = value.into(),
+                None => self.other_system.push((name.into(), value.into())),
+            },
+        }
+    }
+
+    /// A system property that has no field, by name (case-insensitive).
+    pub fn other_system(&self, name: &str) -> Option<&Arc<str>> {
+        self.other_system
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     }
 
