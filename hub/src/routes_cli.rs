@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use base64::Engine;
-use edgehub_router::{Condition, Message, MessageSource, Route, RouteTable, SystemProperty};
+use edgehub_router::{Condition, Message, MessageSource, Route, RouteTable};
 
 /// Builds a message from the documented JSON format.
 pub fn message_from_json(v: &serde_json::Value) -> anyhow::Result<Message> {
@@ -41,15 +41,11 @@ pub fn message_from_json(v: &serde_json::Value) -> anyhow::Result<Message> {
             .as_object()
             .context("\"systemProperties\" must be an object")?
         {
-            let p = SystemProperty::from_name(k).with_context(|| {
-                let known: Vec<&str> = SystemProperty::ALL.iter().map(|p| p.name()).collect();
-                format!("unknown system property {k:?}; known: {}", known.join(", "))
-            })?;
-            msg.set_system(
-                p,
-                v.as_str()
-                    .with_context(|| format!("system property {k:?} must be a string"))?,
-            );
+            // Any name is allowed, as in IoT Edge; well-known ones become fields.
+            let v = v
+                .as_str()
+                .with_context(|| format!("system property {k:?} must be a string"))?;
+            msg.set_system_named(k, v);
         }
     }
     let source = match obj
