@@ -62,7 +62,8 @@ pub enum Value<'a> {
     Bool(bool),
     Number(f64),
     String(Cow<'a, str>),
-    /// A JSON object or array from the body: defined, never equal to anything.
+    /// A JSON object or array from the body: defined, but comparisons with
+    /// it are undefined.
     Object,
 }
 
@@ -581,6 +582,16 @@ fn walk<'a>(root: &'a serde_json::Value, steps: &[Step]) -> Option<&'a serde_jso
     Some(v)
 }
 
+/// A `$body` query: undefined when the body is not JSON (by content type and
+/// encoding); a path the JSON does not have is null, as in IoT Edge
+/// (`$body.missing = null` is true, `$body.missing <> '1'` is true).
+fn body<'a>(msg: &'a Message, steps: &[Step]) -> Value<'a> {
+    match msg.body_json() {
+        None => Value::Undefined,
+        Some(j) => walk(j, steps).map_or(Value::Null, json_value),
+    }
+}
+
 fn sys<'a>(msg: &'a Message, p: &SysRef) -> Value<'a> {
     let v = match p {
         SysRef::Known(p) => msg.system(*p),
@@ -604,9 +615,8 @@ fn compare(op: BinOp, l: &Value, r: &Value) -> Value<'static> {
         },
         (String(a), String(b)) => a.cmp(b),
         (Bool(a), Bool(b)) => a.cmp(b),
-        (Object, Object) => {
-            return Bool(matches!(op, BinOp::Ne));
-        }
+        // JSON objects and arrays have no value to compare.
+        (Object, _) | (_, Object) => return Undefined,
         _ => l.rank().cmp(&r.rank()),
     };
     Bool(match op {
@@ -658,15 +668,9 @@ fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
         Expr::Sys(p) => sys(msg, p),
         Expr::AppOrBody(name, steps) => match msg.property(name) {
             Some(v) => Value::String(Cow::Borrowed(v)),
-            None => msg
-                .body_json()
-                .and_then(|j| walk(j, steps))
-                .map_or(Value::Undefined, json_value),
+            None => body(msg, steps),
         },
-        Expr::Body(steps) => msg
-            .body_json()
-            .and_then(|j| walk(j, steps))
-            .map_or(Value::Undefined, json_value),
+        Expr::Body(steps) => body(msg, steps),
         Expr::TwinChangeIncludes(steps) => {
             let Some(body) = msg.body_json() else {
                 return Value::Undefined;

@@ -84,7 +84,11 @@ fn body_queries() {
     assert_eq!(eval("$body.tags[1] = 'b'"), Some(true));
     assert_eq!(eval("$body.deep.x.y = 2"), Some(true));
     assert_eq!(eval("is_null($body.n)"), Some(true));
-    assert_eq!(eval("$body.missing = 1"), None);
+    // A path the body does not have is null (IoT Edge), so this is false…
+    assert_eq!(eval("$body.missing = 1"), Some(false));
+    assert_eq!(eval("$body.missing = null"), Some(true));
+    // …and comparing an object is undefined.
+    assert_eq!(eval("$body.deep = 1"), None);
     assert_eq!(eval("is_defined($body.deep)"), Some(true));
     // Mixed runtime types compare unequal, never error.
     assert_eq!(eval("$body.temp = 'x'"), Some(false));
