@@ -31,7 +31,7 @@ fn run(text: &str, msg: &Message, at_least: usize) {
         count += 1;
         let got = match Condition::compile(cond) {
             Err(_) => "error",
-            Ok(c) => match c.evaluate(&msg) {
+            Ok(c) => match c.evaluate(msg) {
                 Some(true) => "true",
                 Some(false) => "false",
                 None => "undefined",
