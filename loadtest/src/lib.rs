@@ -1,0 +1,785 @@
+//! edgehub-loadtest: simulates many downstream devices publishing telemetry to
+//! an MQTT broker (edgehub or any other, e.g. mosquitto, for side-by-side
+//! runs) and measures connect rate, throughput and latency.
+//!
+//! Owns: the traffic shape (devices, ramp, QoS, payload, rate, in-flight
+//! window, duration or count), measurement (HDR histograms of publish→ack and
+//! publish→delivery latency, errors by kind) and the report. Must not touch
+//! the hub's internals: it speaks MQTT over the wire only, with our own codec
+//! so one process can drive thousands of connections cheaply.
+//!
+//! Every publish carries its send time (nanoseconds since the run started,
+//! first 8 payload bytes) so subscribers in the same process can measure
+//! publish→delivery latency on one clock.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use edgehub_codec::{
+    decode, encode, Connect, Disconnect, Packet, Props, Protocol, PubResp, Publish, QoS, Str,
+    Subscribe, SubscriptionOptions,
+};
+use hdrhistogram::Histogram;
+use parking::Mutex;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+mod parking {
+    /// std's mutex is enough here: held only to merge histograms.
+    pub type Mutex<T> = std::sync::Mutex<T>;
+}
+
+/// Where to send traffic: `mqtt://host:port` or `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Target {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Target, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("mqtt://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "{s:?}: expected mqtt://host:port or mqtts://host:port"
+            ));
+        };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: missing :port"))?;
+        let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+        Ok(Target {
+            tls,
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}://{}:{}",
+            if self.tls { "mqtts" } else { "mqtt" },
+            self.host,
+            self.port
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadConfig {
+    pub target: Target,
+    /// CA to trust for mqtts (e.g. edgehub's generated `ca.pem`).
+    #[serde(skip)]
+    pub ca: Option<PathBuf>,
+    pub devices: usize,
+    /// New connections per second.
+    pub ramp_per_sec: f64,
+    pub qos: u8,
+    pub payload_bytes: usize,
+    /// Messages per second per device; 0: as fast as the window allows.
+    pub rate_per_device: f64,
+    /// Unacknowledged QoS 1 publishes per device.
+    pub inflight: usize,
+    /// Stop publishing after this long (whichever of duration/count is first).
+    pub duration: Option<Duration>,
+    /// Stop after this many messages per device.
+    pub count_per_device: Option<u64>,
+    /// Subscriber connections on `<topic_prefix>/#` (publish→delivery latency).
+    pub subscribers: usize,
+    pub topic_prefix: String,
+    pub client_prefix: String,
+    pub mqtt5: bool,
+    pub connect_timeout: Duration,
+}
+
+impl LoadConfig {
+    pub fn new(target: Target) -> LoadConfig {
+        LoadConfig {
+            target,
+            ca: None,
+            devices: 10,
+            ramp_per_sec: 1000.0,
+            qos: 1,
+            payload_bytes: 256,
+            rate_per_device: 0.0,
+            inflight: 10,
+            duration: Some(Duration::from_secs(10)),
+            count_per_device: None,
+            subscribers: 0,
+            topic_prefix: "loadtest".into(),
+            client_prefix: "loadtest".into(),
+            mqtt5: false,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Latency {
+    fn from(h: &Histogram<u64>) -> Latency {
+        Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub config: Option<LoadConfig>,
+    pub elapsed_secs: f64,
+    pub connected: u64,
+    pub connect_failures: u64,
+    /// Connections per second over the ramp.
+    pub connect_rate: f64,
+    pub published: u64,
+    pub acknowledged: u64,
+    pub delivered: u64,
+    pub published_per_sec: f64,
+    pub acknowledged_per_sec: f64,
+    pub ack_latency: Latency,
+    pub delivery_latency: Latency,
+    pub errors: BTreeMap<String, u64>,
+    /// True when stopped early (Ctrl-C).
+    pub interrupted: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    connected: AtomicU64,
+    connect_failures: AtomicU64,
+    published: AtomicU64,
+    acknowledged: AtomicU64,
+    delivered: AtomicU64,
+}
+
+struct Shared {
+    cfg: LoadConfig,
+    start: Instant,
+    counters: Counters,
+    ack_hist: Mutex<Histogram<u64>>,
+    delivery_hist: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    last_connect: Mutex<Option<Instant>>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs to 1 h, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+impl Shared {
+    fn error(&self, kind: impl Into<String>) {
+        *self.errors.lock().unwrap().entry(kind.into()).or_insert(0) += 1;
+    }
+}
+
+/// Live counters for a progress display.
+#[derive(Clone)]
+pub struct Progress(Arc<Shared>);
+
+impl Progress {
+    pub fn line(&self) -> String {
+        let c = &self.0.counters;
+        let secs = self.0.start.elapsed().as_secs_f64().max(1e-9);
+        let acked = c.acknowledged.load(Ordering::Relaxed);
+        format!(
+            "connected {} (failed {}), published {}, acked {} ({:.0}/s), delivered {}",
+            c.connected.load(Ordering::Relaxed),
+            c.connect_failures.load(Ordering::Relaxed),
+            c.published.load(Ordering::Relaxed),
+            acked,
+            acked as f64 / secs,
+            c.delivered.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading CA {path}: {detail}")]
+    Ca { path: PathBuf, detail: String },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+fn tls_connector(ca: &Option<PathBuf>) -> Result<tokio_rustls::TlsConnector, LoadError> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| LoadError::Ca {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        for c in certs {
+            roots.add(c).map_err(|e| LoadError::Ca {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+struct Conn {
+    io: Box<dyn Io>,
+    rx: BytesMut,
+    tx: BytesMut,
+    protocol: Protocol,
+}
+
+impl Conn {
+    async fn open(sh: &Shared, client_id: &str) -> Result<Conn, String> {
+        let cfg = &sh.cfg;
+        let addr = format!("{}:{}", cfg.target.host, cfg.target.port);
+        let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(|_| "connect timeout".to_string())?
+            .map_err(|e| format!("connect: {}", e.kind()))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &sh.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let name = rustls_pki_types::ServerName::try_from(cfg.target.host.clone())
+                    .map_err(|_| "tls: invalid server name".to_string())?;
+                let s = tokio::time::timeout(cfg.connect_timeout, tls.connect(name, tcp))
+                    .await
+                    .map_err(|_| "tls handshake timeout".to_string())?
+                    .map_err(|e| format!("tls: {e}"))?;
+                Box::new(s)
+            }
+        };
+        let protocol = if cfg.mqtt5 {
+            Protocol::V5
+        } else {
+            Protocol::V311
+        };
+        let mut c = Conn {
+            io,
+            rx: BytesMut::with_capacity(8192),
+            tx: BytesMut::with_capacity(8192),
+            protocol,
+        };
+        c.send(&Packet::Connect(Box::new(Connect {
+            protocol,
+            clean_start: true,
+            keep_alive: 60,
+            properties: Props::default(),
+            client_id: Str::from(client_id),
+            will: None,
+            username: None,
+            password: None,
+        })));
+        c.flush()
+            .await
+            .map_err(|e| format!("write: {}", e.kind()))?;
+        match tokio::time::timeout(cfg.connect_timeout, c.recv()).await {
+            Err(_) => Err("connack timeout".into()),
+            Ok(Ok(Packet::ConnAck(a))) if a.code == 0 => Ok(c),
+            Ok(Ok(Packet::ConnAck(a))) => Err(format!("connack refused (code {:#04x})", a.code)),
+            Ok(Ok(p)) => Err(format!("protocol: {} before CONNACK", p.name())),
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    fn send(&mut self, p: &Packet) {
+        let _ = encode(p, self.protocol, &mut self.tx, usize::MAX);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.tx.is_empty() {
+            self.io.write_all(&self.tx).await?;
+            self.tx.clear();
+        }
+        Ok(())
+    }
+
+    async fn recv(&mut self) -> Result<Packet, String> {
+        loop {
+            match decode(&mut self.rx, self.protocol, usize::MAX) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(e) => return Err(format!("protocol: {e}")),
+            }
+            match self.io.read_buf(&mut self.rx).await {
+                Ok(0) => return Err("closed by broker".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read: {}", e.kind())),
+            }
+        }
+    }
+}
+
+async fn ramp_slot(sh: &Shared) {
+    // Spaces connection attempts by 1/ramp across all devices.
+    let gap = Duration::from_secs_f64(1.0 / sh.cfg.ramp_per_sec.max(0.001));
+    let wait = {
+        let mut last = sh.last_connect.lock().unwrap();
+        let now = Instant::now();
+        let next = match *last {
+            Some(t) if t + gap > now => t + gap,
+            _ => now,
+        };
+        *last = Some(next);
+        next - now
+    };
+    tokio::time::sleep(wait).await;
+}
+
+async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
+    ramp_slot(&sh).await;
+    if *stop.borrow() {
+        return;
+    }
+    let cfg = &sh.cfg;
+    let client_id = format!("{}-{i}", cfg.client_prefix);
+    let mut c = match Conn::open(&sh, &client_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            sh.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+            sh.error(e);
+            return;
+        }
+    };
+    sh.counters.connected.fetch_add(1, Ordering::Relaxed);
+    let topic = Str::from(format!("{}/{}", cfg.topic_prefix, client_id));
+    let qos = if cfg.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let mut hist = new_hist();
+    let mut inflight: VecDeque<(u16, Instant)> = VecDeque::new();
+    let mut next_id: u16 = 1;
+    let mut sent: u64 = 0;
+    let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
+    let interval =
+        (cfg.rate_per_device > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate_per_device));
+    let mut next_send = tokio::time::Instant::now();
+    let filler = vec![0x5Au8; cfg.payload_bytes.saturating_sub(8)];
+    let window = if qos == QoS::AtMostOnce {
+        64
+    } else {
+        cfg.inflight.max(1)
+    };
+    let mut failed = None;
+    'run: loop {
+        let done = *stop.borrow()
+            || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+            || cfg.count_per_device.is_some_and(|n| sent >= n);
+        if done {
+            break;
+        }
+        // Fill the window (QoS 0: a batch), respecting the rate.
+        let mut batch = 0;
+        while (qos == QoS::AtMostOnce && batch < window)
+            || (qos != QoS::AtMostOnce && inflight.len() < window)
+        {
+            if cfg.count_per_device.is_some_and(|n| sent >= n) {
+                break;
+            }
+            if let Some(iv) = interval {
+                if tokio::time::Instant::now() < next_send {
+                    break;
+                }
+                next_send += iv;
+            }
+            let now = Instant::now();
+            let stamp = (now - sh.start).as_nanos() as u64;
+            let mut payload = Vec::with_capacity(cfg.payload_bytes.max(8));
+            payload.extend_from_slice(&stamp.to_le_bytes());
+            payload.extend_from_slice(&filler);
+            let packet_id = if qos == QoS::AtMostOnce {
+                0
+            } else {
+                let id = next_id;
+                next_id = next_id.checked_add(1).unwrap_or(1);
+                inflight.push_back((id, now));
+                id
+            };
+            c.send(&Packet::Publish(Publish {
+                qos,
+                topic: topic.clone(),
+                packet_id,
+                payload: Bytes::from(payload),
+                ..Default::default()
+            }));
+            sent += 1;
+            batch += 1;
+        }
+        if batch > 0 {
+            sh.counters
+                .published
+                .fetch_add(batch as u64, Ordering::Relaxed);
+            if let Err(e) = c.flush().await {
+                failed = Some(format!("write: {}", e.kind()));
+                break;
+            }
+            if qos == QoS::AtMostOnce {
+                sh.counters
+                    .acknowledged
+                    .fetch_add(batch as u64, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
+        let wake = match interval {
+            Some(_) => next_send,
+            None => tokio::time::Instant::now() + Duration::from_secs(3600),
+        };
+        let wake = deadline.map_or(wake, |d| wake.min(d));
+        tokio::select! {
+            r = c.recv(), if !inflight.is_empty() => match r {
+                Ok(Packet::PubAck(a)) => {
+                    if let Some(pos) = inflight.iter().position(|(id, _)| *id == a.packet_id) {
+                        let (_, at) = inflight.remove(pos).expect("present");
+                        if a.reason >= 0x80 {
+                            sh.error(format!("puback reason {:#04x}", a.reason));
+                        } else {
+                            let _ = hist.record(at.elapsed().as_micros().max(1) as u64);
+                            sh.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => { failed = Some(e); break 'run; }
+            },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    // Collect outstanding acknowledgements (bounded).
+    let drain_until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while failed.is_none() && !inflight.is_empty() {
+        match tokio::time::timeout_at(drain_until, c.recv()).await {
+            Ok(Ok(Packet::PubAck(a))) => {
+                if let Some(pos) = inflight.iter().position(|(id, _)| *id == a.packet_id) {
+                    let (_, at) = inflight.remove(pos).expect("present");
+                    let _ = hist.record(at.elapsed().as_micros().max(1) as u64);
+                    sh.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failed = Some(e),
+            Err(_) => {
+                sh.error("ack timeout at end of run");
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        sh.error(e);
+    }
+    c.send(&Packet::Disconnect(Disconnect::default()));
+    let _ = c.flush().await;
+    sh.ack_hist.lock().unwrap().add(&hist).expect("same bounds");
+}
+
+async fn subscriber(
+    sh: Arc<Shared>,
+    i: usize,
+    ready: tokio::sync::mpsc::Sender<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = &sh.cfg;
+    let mut c = match Conn::open(&sh, &format!("{}-sub-{i}", cfg.client_prefix)).await {
+        Ok(c) => c,
+        Err(e) => {
+            sh.error(format!("subscriber: {e}"));
+            drop(ready);
+            return;
+        }
+    };
+    let qos = if cfg.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Props::default(),
+        filters: vec![(
+            Str::from(format!("{}/#", cfg.topic_prefix)),
+            SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        )],
+    }));
+    if c.flush().await.is_err() {
+        return;
+    }
+    let mut hist = new_hist();
+    let mut ready = Some(ready);
+    loop {
+        tokio::select! {
+            r = c.recv() => match r {
+                Ok(Packet::SubAck(_)) => { ready.take(); }
+                Ok(Packet::Publish(p)) => {
+                    if p.payload.len() >= 8 {
+                        let stamp = u64::from_le_bytes(p.payload[..8].try_into().expect("8 bytes"));
+                        let now = (Instant::now() - sh.start).as_nanos() as u64;
+                        let _ = hist.record((now.saturating_sub(stamp) / 1000).max(1));
+                    }
+                    sh.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    if p.qos == QoS::AtLeastOnce {
+                        c.send(&Packet::PubAck(PubResp::new(p.packet_id, 0)));
+                        if c.flush().await.is_err() { break; }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => { sh.error(format!("subscriber: {e}")); break; }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    sh.delivery_hist
+        .lock()
+        .unwrap()
+        .add(&hist)
+        .expect("same bounds");
+}
+
+/// Runs the load until done or `interrupt` completes; returns the report
+/// (partial when interrupted).
+pub async fn run(
+    cfg: LoadConfig,
+    interrupt: impl std::future::Future<Output = ()>,
+    progress: impl Fn(Progress) + Send + 'static,
+) -> Result<Report, LoadError> {
+    let tls = if cfg.target.tls {
+        Some(tls_connector(&cfg.ca)?)
+    } else {
+        None
+    };
+    let sh = Arc::new(Shared {
+        cfg: cfg.clone(),
+        start: Instant::now(),
+        counters: Counters::default(),
+        ack_hist: Mutex::new(new_hist()),
+        delivery_hist: Mutex::new(new_hist()),
+        errors: Mutex::new(BTreeMap::new()),
+        tls,
+        last_connect: Mutex::new(None),
+    });
+    progress(Progress(sh.clone()));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (sub_stop_tx, sub_stop_rx) = watch::channel(false);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut subs = Vec::new();
+    for i in 0..cfg.subscribers {
+        subs.push(tokio::spawn(subscriber(
+            sh.clone(),
+            i,
+            ready_tx.clone(),
+            sub_stop_rx.clone(),
+        )));
+    }
+    drop(ready_tx);
+    // All subscribers have their SUBACK (or failed) once the channel closes.
+    let _ = tokio::time::timeout(cfg.connect_timeout, ready_rx.recv()).await;
+    let started = Instant::now();
+    let mut devices = Vec::with_capacity(cfg.devices);
+    for i in 0..cfg.devices {
+        devices.push(tokio::spawn(device(sh.clone(), i, stop_rx.clone())));
+    }
+    let all = async {
+        for d in devices {
+            let _ = d.await;
+        }
+    };
+    tokio::pin!(all);
+    let interrupted = tokio::select! {
+        _ = &mut all => false,
+        _ = interrupt => {
+            let _ = stop_tx.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut all).await;
+            true
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    // Give subscribers a moment for messages still in flight, then stop them.
+    let expect = sh.counters.acknowledged.load(Ordering::Relaxed) * cfg.subscribers as u64;
+    let until = Instant::now() + Duration::from_secs(5);
+    while cfg.subscribers > 0
+        && sh.counters.delivered.load(Ordering::Relaxed) < expect
+        && Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = sub_stop_tx.send(true);
+    for s in subs {
+        let _ = s.await;
+    }
+    let ack_latency = Latency::from(&sh.ack_hist.lock().unwrap());
+    let delivery_latency = Latency::from(&sh.delivery_hist.lock().unwrap());
+    let errors = sh.errors.lock().unwrap().clone();
+    let c = &sh.counters;
+    let connected = c.connected.load(Ordering::Relaxed);
+    let last_connect = sh
+        .last_connect
+        .lock()
+        .unwrap()
+        .map(|t| (t - started).as_secs_f64())
+        .unwrap_or(0.0);
+    Ok(Report {
+        target: cfg.target.to_string(),
+        config: Some(cfg.clone()),
+        elapsed_secs: elapsed,
+        connected,
+        connect_failures: c.connect_failures.load(Ordering::Relaxed),
+        connect_rate: if last_connect > 0.0 {
+            connected as f64 / last_connect
+        } else {
+            connected as f64
+        },
+        published: c.published.load(Ordering::Relaxed),
+        acknowledged: c.acknowledged.load(Ordering::Relaxed),
+        delivered: c.delivered.load(Ordering::Relaxed),
+        published_per_sec: c.published.load(Ordering::Relaxed) as f64 / elapsed.max(1e-9),
+        acknowledged_per_sec: c.acknowledged.load(Ordering::Relaxed) as f64 / elapsed.max(1e-9),
+        ack_latency,
+        delivery_latency,
+        errors,
+        interrupted,
+    })
+}
+
+/// The human-readable summary; with two reports, side by side with ratios.
+pub fn summary(reports: &[&Report]) -> String {
+    let mut rows: Vec<(&str, Vec<String>)> = Vec::new();
+    let f0 = |v: f64| format!("{v:.0}");
+    let us = |v: u64| format!("{:.2} ms", v as f64 / 1000.0);
+    let col = |get: &dyn Fn(&Report) -> String| reports.iter().map(|r| get(r)).collect::<Vec<_>>();
+    rows.push(("target", col(&|r| r.target.clone())));
+    rows.push((
+        "connected / failed",
+        col(&|r| format!("{} / {}", r.connected, r.connect_failures)),
+    ));
+    rows.push(("connect rate (/s)", col(&|r| f0(r.connect_rate))));
+    rows.push(("published", col(&|r| r.published.to_string())));
+    rows.push(("acknowledged", col(&|r| r.acknowledged.to_string())));
+    rows.push(("acked msgs/s", col(&|r| f0(r.acknowledged_per_sec))));
+    for (name, get) in [
+        ("ack p50", (|l: &Latency| l.p50_us) as fn(&Latency) -> u64),
+        ("ack p90", |l| l.p90_us),
+        ("ack p99", |l| l.p99_us),
+        ("ack p99.9", |l| l.p999_us),
+        ("ack max", |l| l.max_us),
+    ] {
+        rows.push((name, col(&|r| us(get(&r.ack_latency)))));
+    }
+    if reports.iter().any(|r| r.delivered > 0) {
+        rows.push(("delivered", col(&|r| r.delivered.to_string())));
+        rows.push(("delivery p50", col(&|r| us(r.delivery_latency.p50_us))));
+        rows.push(("delivery p99", col(&|r| us(r.delivery_latency.p99_us))));
+    }
+    rows.push((
+        "errors",
+        col(&|r| {
+            if r.errors.is_empty() {
+                "none".into()
+            } else {
+                r.errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        }),
+    ));
+    if reports.len() == 2 {
+        let ratio = |a: f64, b: f64| {
+            if b > 0.0 {
+                format!("{:.2}x", a / b)
+            } else {
+                "-".into()
+            }
+        };
+        let (a, b) = (reports[0], reports[1]);
+        rows.push((
+            "throughput ratio (1st/2nd)",
+            vec![
+                ratio(a.acknowledged_per_sec, b.acknowledged_per_sec),
+                String::new(),
+            ],
+        ));
+        rows.push((
+            "p99 ack ratio (1st/2nd)",
+            vec![
+                ratio(a.ack_latency.p99_us as f64, b.ack_latency.p99_us as f64),
+                String::new(),
+            ],
+        ));
+    }
+    let w0 = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..reports.len())
+        .map(|i| {
+            rows.iter()
+                .map(|(_, v)| v.get(i).map_or(0, |s| s.len()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for (k, vals) in rows {
+        out.push_str(&format!("{k:<w0$}"));
+        for (i, v) in vals.iter().enumerate() {
+            out.push_str(&format!("  {v:>w$}", w = widths[i]));
+        }
+        out.push('\n');
+    }
+    if reports.iter().any(|r| r.interrupted) {
+        out.push_str("(interrupted: partial report)\n");
+    }
+    out
+}
+
+/// Resolves a target's first address (for a clear "unreachable" message).
+pub async fn resolve(t: &Target) -> std::io::Result<SocketAddr> {
+    tokio::net::lookup_host((t.host.as_str(), t.port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+}
