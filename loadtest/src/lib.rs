@@ -25,16 +25,11 @@ use edgehub_codec::{
     Subscribe, SubscriptionOptions,
 };
 use hdrhistogram::Histogram;
-use parking::Mutex;
 use serde::Serialize;
+use std::sync::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-
-mod parking {
-    /// std's mutex is enough here: held only to merge histograms.
-    pub type Mutex<T> = std::sync::Mutex<T>;
-}
 
 /// Where to send traffic: `mqtt://host:port` or `mqtts://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -99,6 +94,10 @@ pub struct LoadConfig {
     pub duration: Option<Duration>,
     /// Stop after this many messages per device.
     pub count_per_device: Option<u64>,
+    /// After publishing (or with a count of 0, instead of it), keep every
+    /// connection open and idle until the duration ends: for "how many idle
+    /// devices can the hub hold" runs.
+    pub hold: bool,
     /// Subscriber connections on `<topic_prefix>/#` (publish→delivery latency).
     pub subscribers: usize,
     pub topic_prefix: String,
@@ -120,6 +119,7 @@ impl LoadConfig {
             inflight: 10,
             duration: Some(Duration::from_secs(10)),
             count_per_device: None,
+            hold: false,
             subscribers: 0,
             topic_prefix: "loadtest".into(),
             client_prefix: "loadtest".into(),
@@ -487,6 +487,30 @@ async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
             },
             _ = tokio::time::sleep_until(wake) => {}
             _ = stop.changed() => {}
+        }
+    }
+    if cfg.hold && failed.is_none() && !*stop.borrow() {
+        // Idle until the end of the run; a PINGREQ every 30 s keeps the
+        // broker's keep-alive (60 s here) satisfied.
+        loop {
+            let ping = tokio::time::Instant::now() + Duration::from_secs(30);
+            let until = deadline.map_or(ping, |d| d.min(ping));
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = stop.changed() => break,
+                r = c.recv(), if inflight.is_empty() => match r {
+                    Ok(_) => continue,
+                    Err(e) => { failed = Some(e); break; }
+                },
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                break;
+            }
+            c.send(&Packet::PingReq);
+            if let Err(e) = c.flush().await {
+                failed = Some(format!("write: {}", e.kind()));
+                break;
+            }
         }
     }
     // Collect outstanding acknowledgements (bounded).

@@ -41,6 +41,10 @@ struct Args {
     /// Messages per device (optional).
     #[arg(long)]
     count: Option<u64>,
+    /// Keep connections open and idle until --duration ends (with --count 0:
+    /// connect and hold only, to measure idle devices held).
+    #[arg(long)]
+    hold: bool,
     /// Subscriber connections on <topic-prefix>/# measuring publish→delivery latency.
     #[arg(long, default_value_t = 0)]
     subscribers: usize,
@@ -67,6 +71,7 @@ fn config(a: &Args, target: Target) -> LoadConfig {
     c.inflight = a.inflight;
     c.duration = Some(Duration::from_secs_f64(a.duration));
     c.count_per_device = a.count;
+    c.hold = a.hold;
     c.subscribers = a.subscribers;
     c.topic_prefix = a.topic_prefix.clone();
     c.client_prefix = a.client_prefix.clone();

@@ -125,3 +125,26 @@ fn targets_parse_with_clear_errors() {
         .unwrap_err()
         .contains("missing :port"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_keeps_idle_devices_connected_until_the_end() {
+    let (_dir, plain, _tls, _stop) = hub().await;
+    let mut cfg = small(
+        format!("mqtt://127.0.0.1:{}", plain.port())
+            .parse()
+            .unwrap(),
+    );
+    cfg.count_per_device = Some(0);
+    cfg.hold = true;
+    cfg.subscribers = 0;
+    cfg.duration = Some(Duration::from_millis(800));
+    let started = std::time::Instant::now();
+    let r = run(cfg, std::future::pending(), |_| {}).await.unwrap();
+    assert_eq!(r.connected, 5);
+    assert_eq!(r.published, 0);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "held until the duration ended"
+    );
+}
