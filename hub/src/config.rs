@@ -49,6 +49,14 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_ALLOW_ANONYMOUS")]
     pub allow_anonymous: bool,
 
+    /// IoT Hub identities (devices and modules with their keys) as JSON:
+    /// {"iothubHostname": "…", "devices": [{"deviceId", "primaryKey",
+    /// "secondaryKey", "modules": [{"moduleId", "primaryKey", …}]}]}. With it,
+    /// devices and modules authenticate with SAS tokens and are confined to
+    /// their own IoT Hub topics. (Stop-gap until the store and management API.)
+    #[arg(long, env = "EDGEHUB_IDENTITIES")]
+    pub identities: Option<PathBuf>,
+
     /// Log filter in tracing's syntax, e.g. `info`, `edgehub=debug`.
     #[arg(long, env = "EDGEHUB_LOG", default_value = "info")]
     pub log: String,

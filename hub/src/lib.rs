@@ -12,6 +12,7 @@
 //! - [`broker`]: sessions, subscription trie, retained messages, routing,
 //!   wills and session expiry. Knows no sockets.
 //! - [`auth`]: the authentication/authorization seam the IoT Hub layer plugs into.
+//! - [`iothub`]: IoT Hub identities, SAS authentication, per-identity topic authorization.
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
 //!
 //! The wire format lives in the `edgehub-codec` crate.
@@ -20,6 +21,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod iothub;
 pub mod routes_cli;
 pub mod server;
 pub mod tls;

@@ -30,6 +30,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Identities(#[from] crate::iothub::IdentityError),
 }
 
 pub struct Server {
@@ -84,7 +86,19 @@ impl Server {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
-        let broker = if config.allow_anonymous {
+        let broker = if let Some(path) = &config.identities {
+            let registry = Arc::new(crate::iothub::Registry::load(path)?);
+            info!(devices = registry.len(), "loaded IoT Hub identities");
+            if config.allow_anonymous {
+                warn!("--allow-anonymous: clients without credentials may use generic topics");
+            }
+            let a = Arc::new(crate::iothub::IotHubAuth::new(
+                registry,
+                &config.hostname(),
+                config.allow_anonymous,
+            ));
+            Broker::new(Limits::from_config(config), a.clone(), a)
+        } else if config.allow_anonymous {
             warn!(
                 "--allow-anonymous: any client may connect without credentials and use any topic"
             );

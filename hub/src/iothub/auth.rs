@@ -1,0 +1,423 @@
+//! MQTT CONNECT authentication and topic authorization for IoT Hub identities.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::auth::{AuthError, Authenticator, Authorizer, ConnectInfo, Principal};
+
+use super::identity::Registry;
+use super::sas::SasToken;
+
+/// Authenticates devices and modules by SAS token and confines each to its
+/// own IoT Hub topics. With `allow_anonymous`, clients that present no
+/// credentials are still let in for generic topics (development only).
+pub struct IotHubAuth {
+    registry: Arc<Registry>,
+    /// Host names a token or username may name: the IoT Hub's and ours.
+    hostnames: Vec<String>,
+    allow_anonymous: bool,
+}
+
+impl IotHubAuth {
+    pub fn new(
+        registry: Arc<Registry>,
+        gateway_hostname: &str,
+        allow_anonymous: bool,
+    ) -> IotHubAuth {
+        let mut hostnames = vec![gateway_hostname.to_lowercase()];
+        if let Some(h) = &registry.iothub_hostname {
+            hostnames.push(h.to_lowercase());
+        }
+        IotHubAuth {
+            registry,
+            hostnames,
+            allow_anonymous,
+        }
+    }
+
+    fn known_host(&self, h: &str) -> bool {
+        self.hostnames.iter().any(|k| k.eq_ignore_ascii_case(h))
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn same(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// `device` or `device/module`.
+fn split_identity(s: &str) -> Option<(&str, Option<&str>)> {
+    let mut it = s.split('/');
+    let d = it.next().filter(|d| !d.is_empty())?;
+    let m = it.next();
+    if it.next().is_some() || m.is_some_and(str::is_empty) {
+        return None;
+    }
+    Some((d, m))
+}
+
+impl Authenticator for IotHubAuth {
+    fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, AuthError> {
+        let bad = |why: String| Err(AuthError::BadCredentials(why));
+        if info.username.is_none() && info.password.is_none() {
+            if self.allow_anonymous {
+                return Ok(Principal {
+                    name: info.client_id.into(),
+                    anonymous: true,
+                });
+            }
+            return Err(AuthError::NotAuthorized(format!(
+                "client {:?} presented no credentials",
+                info.client_id
+            )));
+        }
+        let Some((device, module)) = split_identity(info.client_id) else {
+            return bad(format!(
+                "client id {:?} is not deviceId or deviceId/moduleId",
+                info.client_id
+            ));
+        };
+        // Username: host/deviceId[/moduleId]/?api-version=…[&…]
+        let username = info.username.unwrap_or_default();
+        let path = username.split_once("/?").map_or(username, |(p, _)| p);
+        let mut parts = path.splitn(2, '/');
+        let host = parts.next().unwrap_or_default();
+        let user_identity = parts.next().unwrap_or_default();
+        if !self.known_host(host) {
+            return bad(format!(
+                "username names host {host:?}, which is neither this gateway nor its IoT Hub"
+            ));
+        }
+        match split_identity(user_identity) {
+            Some((d, m))
+                if same(d, device) && m.map(str::to_lowercase) == module.map(str::to_lowercase) => {
+            }
+            _ => {
+                return bad(format!(
+                    "username identity {user_identity:?} does not match client id {:?}",
+                    info.client_id
+                ))
+            }
+        }
+        let Some(dev) = self.registry.device(device) else {
+            return Err(AuthError::NotAuthorized(format!(
+                "unknown device {device:?}"
+            )));
+        };
+        let (name, mut keys) = match module {
+            None => (dev.id.clone(), dev.keys.all()),
+            Some(m) => match dev.modules.get(&m.to_lowercase()) {
+                // A module may sign with its own keys or its device's.
+                Some((mid, k)) => (format!("{}/{mid}", dev.id), k.all()),
+                None => {
+                    return Err(AuthError::NotAuthorized(format!(
+                        "unknown module {device}/{m}"
+                    )))
+                }
+            },
+        };
+        if module.is_some() {
+            keys.extend(dev.keys.all());
+        }
+        let Some(password) = info.password.filter(|p| !p.is_empty()) else {
+            return Err(AuthError::NotAuthorized(
+                if info.peer_certificates.is_some() {
+                    "X.509 client certificates are not supported yet".into()
+                } else {
+                    "no SAS token in the password".into()
+                },
+            ));
+        };
+        let token = std::str::from_utf8(password)
+            .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))
+            .and_then(|t| {
+                SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
+            })?;
+        // sr: {host}/devices/{d}[/modules/{m}]
+        let sr: Vec<&str> = token.resource.split('/').collect();
+        let sr_ok = match sr.as_slice() {
+            [h, "devices", d] => self.known_host(h) && same(d, device) && module.is_none(),
+            [h, "devices", d, "modules", m] => {
+                self.known_host(h) && same(d, device) && module.is_some_and(|mm| same(m, mm))
+            }
+            _ => false,
+        };
+        if !sr_ok {
+            return bad(format!(
+                "token resource {:?} is not this identity on this gateway or its IoT Hub",
+                token.resource
+            ));
+        }
+        token
+            .check_expiry(now())
+            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        token
+            .verify(&keys)
+            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        Ok(Principal {
+            name: name.into(),
+            anonymous: false,
+        })
+    }
+}
+
+fn starts_with_ci(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+/// `devices/{d}` or `devices/{d}/modules/{m}` for a principal.
+fn identity_prefix(p: &Principal) -> String {
+    match p.name.split_once('/') {
+        Some((d, m)) => format!("devices/{d}/modules/{m}/"),
+        None => format!("devices/{}/", p.name),
+    }
+}
+
+impl Authorizer for IotHubAuth {
+    fn may_publish(&self, p: &Principal, topic: &str) -> bool {
+        if p.anonymous {
+            return self.allow_anonymous
+                && !topic.starts_with("devices/")
+                && !topic.starts_with("$iothub/");
+        }
+        let own = identity_prefix(p);
+        // Telemetry / module output; twin requests; method responses.
+        (starts_with_ci(topic, &own) && topic[own.len()..].starts_with("messages/events"))
+            || topic.starts_with("$iothub/twin/GET/")
+            || topic.starts_with("$iothub/twin/PATCH/properties/reported/")
+            || topic.starts_with("$iothub/methods/res/")
+    }
+
+    fn may_subscribe(&self, p: &Principal, filter: &str) -> bool {
+        if p.anonymous {
+            return self.allow_anonymous
+                && !filter.starts_with("devices/")
+                && !filter.starts_with("$iothub/")
+                && !filter.starts_with('#')
+                && !filter.starts_with('+');
+        }
+        let own = identity_prefix(p);
+        let module = p.name.contains('/');
+        let own_ok = starts_with_ci(filter, &own)
+            && (module || filter[own.len()..].starts_with("messages/devicebound"));
+        own_ok
+            || filter.starts_with("$iothub/twin/res/")
+            || filter.starts_with("$iothub/twin/PATCH/properties/desired/")
+            || filter.starts_with("$iothub/methods/POST/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iothub::sas::sign;
+    use std::io::Write;
+
+    const DEV_KEY: &str = "ZGV2aWNlLWtleS1wcmltYXJ5LTAxMjM0NTY3ODk=";
+    const DEV_KEY2: &str = "ZGV2aWNlLWtleS1zZWNvbmRhcnktMDEyMzQ1Njc=";
+    const MOD_KEY: &str = "bW9kdWxlLWtleS0wMTIzNDU2Nzg5YWJjZGVm";
+
+    fn auth(anonymous: bool) -> IotHubAuth {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            f,
+            r#"{{"iothubHostname": "hub.azure-devices.net", "devices": [
+                {{"deviceId": "Dev1", "primaryKey": "{DEV_KEY}", "secondaryKey": "{DEV_KEY2}",
+                  "modules": [{{"moduleId": "filter", "primaryKey": "{MOD_KEY}"}}]}}]}}"#
+        )
+        .unwrap();
+        IotHubAuth::new(
+            Arc::new(Registry::load(f.path()).unwrap()),
+            "gateway.local",
+            anonymous,
+        )
+    }
+
+    fn connect(
+        a: &IotHubAuth,
+        client: &str,
+        user: &str,
+        token: &str,
+    ) -> Result<Principal, AuthError> {
+        a.authenticate(&ConnectInfo {
+            protocol: edgehub_codec::Protocol::V311,
+            client_id: client,
+            username: Some(user),
+            password: Some(token.as_bytes()),
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_certificates: None,
+        })
+    }
+
+    fn later() -> u64 {
+        now() + 3600
+    }
+
+    #[test]
+    fn devices_and_modules_authenticate_with_their_keys() {
+        let a = auth(false);
+        let t = sign("gateway.local/devices/dev1", DEV_KEY, later()).unwrap();
+        let p = connect(&a, "dev1", "gateway.local/dev1/?api-version=2021-04-12", &t).unwrap();
+        assert_eq!(&*p.name, "Dev1");
+        // Secondary key, IoT Hub host name in the token and username.
+        let t = sign("hub.azure-devices.net/devices/Dev1", DEV_KEY2, later()).unwrap();
+        connect(
+            &a,
+            "Dev1",
+            "hub.azure-devices.net/Dev1/?api-version=x&DeviceClientType=py",
+            &t,
+        )
+        .unwrap();
+        // A module with its own key, and with its device's key.
+        let t = sign(
+            "gateway.local/devices/dev1/modules/filter",
+            MOD_KEY,
+            later(),
+        )
+        .unwrap();
+        let p = connect(
+            &a,
+            "dev1/filter",
+            "gateway.local/dev1/filter/?api-version=x",
+            &t,
+        )
+        .unwrap();
+        assert_eq!(&*p.name, "Dev1/filter");
+        let t = sign(
+            "gateway.local/devices/dev1/modules/filter",
+            DEV_KEY,
+            later(),
+        )
+        .unwrap();
+        connect(
+            &a,
+            "dev1/filter",
+            "gateway.local/dev1/filter/?api-version=x",
+            &t,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        let a = auth(false);
+        let good = sign("gateway.local/devices/dev1", DEV_KEY, later()).unwrap();
+        let user = "gateway.local/dev1/?api-version=x";
+        let err = |r: Result<Principal, AuthError>| r.unwrap_err().to_string();
+        assert!(err(connect(
+            &a,
+            "dev1",
+            user,
+            &sign("gateway.local/devices/dev1", MOD_KEY, later()).unwrap()
+        ))
+        .contains("signature does not match"));
+        assert!(err(connect(
+            &a,
+            "dev1",
+            user,
+            &sign("gateway.local/devices/dev1", DEV_KEY, 1000).unwrap()
+        ))
+        .contains("expired"));
+        assert!(err(connect(
+            &a,
+            "dev2",
+            "gateway.local/dev2/?api-version=x",
+            &good
+        ))
+        .contains("unknown device"));
+        assert!(err(connect(
+            &a,
+            "dev1",
+            "gateway.local/other/?api-version=x",
+            &good
+        ))
+        .contains("does not match client id"));
+        assert!(err(connect(
+            &a,
+            "dev1",
+            "evil.example/dev1/?api-version=x",
+            &good
+        ))
+        .contains("neither this gateway"));
+        // A token for another identity (here: the module) is refused.
+        let module_token = sign(
+            "gateway.local/devices/dev1/modules/filter",
+            MOD_KEY,
+            later(),
+        )
+        .unwrap();
+        assert!(err(connect(&a, "dev1", user, &module_token)).contains("not this identity"));
+        assert!(err(connect(&a, "dev1", user, "secret")).contains("not a SharedAccessSignature"));
+        // The secret never appears in the reason.
+        assert!(!err(connect(&a, "dev1", user, "hunter2-password")).contains("hunter2"));
+        // Anonymous clients: refused unless the development switch is on.
+        let anon = ConnectInfo {
+            protocol: edgehub_codec::Protocol::V311,
+            client_id: "x",
+            username: None,
+            password: None,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_certificates: None,
+        };
+        assert!(matches!(
+            a.authenticate(&anon),
+            Err(AuthError::NotAuthorized(_))
+        ));
+        assert!(auth(true).authenticate(&anon).unwrap().anonymous);
+    }
+
+    #[test]
+    fn identities_are_confined_to_their_topics() {
+        let a = auth(true);
+        let dev = Principal {
+            name: "Dev1".into(),
+            anonymous: false,
+        };
+        let module = Principal {
+            name: "Dev1/filter".into(),
+            anonymous: false,
+        };
+        let anon = Principal {
+            name: "x".into(),
+            anonymous: true,
+        };
+        assert!(a.may_publish(&dev, "devices/dev1/messages/events/"));
+        assert!(a.may_publish(
+            &dev,
+            "devices/Dev1/messages/events/%24.ct=application%2Fjson"
+        ));
+        assert!(
+            !a.may_publish(&dev, "devices/dev2/messages/events/"),
+            "another device's topic"
+        );
+        assert!(!a.may_publish(&dev, "devices/dev1/modules/filter/messages/events/"));
+        assert!(!a.may_publish(&dev, "devices/dev1/messages/devicebound/"));
+        assert!(a.may_publish(&dev, "$iothub/twin/GET/?$rid=1"));
+        assert!(a.may_publish(&dev, "$iothub/methods/res/200/?$rid=1"));
+        assert!(!a.may_publish(&dev, "some/generic/topic"));
+        assert!(a.may_subscribe(&dev, "devices/dev1/messages/devicebound/#"));
+        assert!(!a.may_subscribe(&dev, "devices/dev2/messages/devicebound/#"));
+        assert!(!a.may_subscribe(&dev, "#"));
+        assert!(a.may_subscribe(&dev, "$iothub/methods/POST/#"));
+        assert!(a.may_publish(
+            &module,
+            "devices/dev1/modules/filter/messages/events/%24.on=out1"
+        ));
+        assert!(a.may_subscribe(&module, "devices/dev1/modules/filter/#"));
+        assert!(!a.may_subscribe(&module, "devices/dev1/modules/other/#"));
+        assert!(a.may_publish(&anon, "generic/topic"));
+        assert!(
+            !a.may_publish(&anon, "devices/dev1/messages/events/"),
+            "anonymous never speaks for a device"
+        );
+        assert!(
+            !a.may_subscribe(&anon, "#"),
+            "anonymous cannot read devices' traffic"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! The IoT Hub device protocol on the gateway, first slice: identities, SAS
+//! authentication of MQTT CONNECT, and per-identity topic authorization,
+//! plugged into the broker through the `auth` seam.
+//!
+//! Owns: who a connection is (device or module) and which IoT Hub topics it
+//! may use. Must not touch: the wire (connection/codec) or message storage.
+//! Not yet here (issue 3): identities in the store and the management API
+//! (they come from a JSON file for now), X.509, token re-validation of
+//! long-lived connections, property bags, C2D, twins, methods.
+
+pub mod auth;
+pub mod identity;
+pub mod sas;
+
+pub use auth::IotHubAuth;
+pub use identity::{IdentityError, Registry};

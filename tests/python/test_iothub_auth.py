@@ -1,0 +1,111 @@
+"""IoT Hub authentication on the gateway: SAS tokens signed by Python's own
+hmac (as the Azure IoT SDKs sign them), MQTT over TLS with the generated CA."""
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import urllib.parse
+
+import paho.mqtt.client as mqtt
+import pytest
+
+import rawmqtt as raw
+from conftest import Client
+
+DEV_KEY = base64.b64encode(b"device-one-primary-key-0123456789").decode()
+MOD_KEY = base64.b64encode(b"module-filter-key-0123456789abcd").decode()
+GATEWAY = "edgehub-test"  # the harness passes --hostname edgehub-test
+
+
+def sas(resource, key, ttl=3600):
+    expiry = int(time.time()) + ttl
+    sr = urllib.parse.quote(resource, safe="")
+    sig = base64.b64encode(hmac.new(base64.b64decode(key), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest())
+    return f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={expiry}"
+
+
+@pytest.fixture
+def iothub(start_hub, tmp_path):
+    ids = tmp_path / "identities.json"
+    ids.write_text(json.dumps({
+        "iothubHostname": "myhub.azure-devices.net",
+        "devices": [
+            {"deviceId": "dev1", "primaryKey": DEV_KEY,
+             "modules": [{"moduleId": "filter", "primaryKey": MOD_KEY}]},
+            {"deviceId": "dev2", "primaryKey": DEV_KEY},
+        ],
+    }))
+    return start_hub("--identities", str(ids), allow_anonymous=False)
+
+
+def device(hub, client_id, token, username=None, version=3):
+    identity = client_id
+    c = Client(hub, client_id, version=version, transport="tls",
+               username=username or f"{GATEWAY}/{identity}/?api-version=2021-04-12", password=token)
+    return c
+
+
+def test_device_telemetry_and_module_input(iothub):
+    dev = device(iothub, "dev1", sas(f"{GATEWAY}/devices/dev1", DEV_KEY))
+    dev.connect()
+    mod = device(iothub, "dev1/filter", sas(f"{GATEWAY}/devices/dev1/modules/filter", MOD_KEY))
+    mod.connect()
+    # Telemetry on its own topic is accepted (PUBACK).
+    dev.publish("devices/dev1/messages/events/%24.ct=application%2Fjson", b'{"t": 1}', qos=1)
+    # A module may subscribe to its own inputs, and publish its outputs.
+    assert [r.value for r in mod.subscribe("devices/dev1/modules/filter/#", 1)] == [1]
+    mod.publish("devices/dev1/modules/filter/messages/events/%24.on=out1", b"x", qos=1)
+    # …but not to another module's or device's topics.
+    assert [r.value for r in mod.subscribe("devices/dev2/messages/devicebound/#", 1)] == [0x80]
+    dev.disconnect()
+    mod.disconnect()
+
+
+def test_token_signed_for_the_iothub_hostname_and_the_device_key_for_a_module(iothub):
+    c = device(iothub, "dev1", sas("myhub.azure-devices.net/devices/dev1", DEV_KEY),
+               username="myhub.azure-devices.net/dev1/?api-version=2021-04-12&DeviceClientType=py")
+    c.connect()
+    c.disconnect()
+    m = device(iothub, "dev1/filter", sas(f"{GATEWAY}/devices/dev1/modules/filter", DEV_KEY))
+    m.connect()
+    m.disconnect()
+
+
+def test_publishing_on_another_devices_topic_disconnects(iothub):
+    dev = device(iothub, "dev1", sas(f"{GATEWAY}/devices/dev1", DEV_KEY))
+    dev.connect()
+    dev.c.publish("devices/dev2/messages/events/", b"spoofed", 1)
+    dev.disconnects.get(timeout=5)  # MQTT 3.1.1 has no negative PUBACK: closed
+    assert "not authorized to publish" in iothub.log()
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("wrong key", 4),
+    ("expired", 4),
+    ("username for another device", 4),
+    ("unknown device", 5),
+    ("no credentials", 5),
+])
+def test_refusals(iothub, case, expected):
+    good = sas(f"{GATEWAY}/devices/dev1", DEV_KEY)
+    client_id, user, password = "dev1", f"{GATEWAY}/dev1/?api-version=x", good
+    if case == "wrong key":
+        password = sas(f"{GATEWAY}/devices/dev1", MOD_KEY)
+    elif case == "expired":
+        password = sas(f"{GATEWAY}/devices/dev1", DEV_KEY, ttl=-600)
+    elif case == "username for another device":
+        user = f"{GATEWAY}/dev2/?api-version=x"
+    elif case == "unknown device":
+        client_id, user = "ghost", f"{GATEWAY}/ghost/?api-version=x"
+        password = sas(f"{GATEWAY}/devices/ghost", DEV_KEY)
+    sock = raw.open_conn(iothub.port("tcp"))
+    if case == "no credentials":
+        sock.sendall(raw.connect(client_id, version=4))
+    else:
+        sock.sendall(raw.connect(client_id, version=4, username=user, password=password))
+    assert raw.read_packet(sock) == (0x20, bytes([0, expected]))
+    log = iothub.log()
+    assert "connection refused" in log
+    assert "sig=" not in log, "the token never reaches the log"
