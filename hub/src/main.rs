@@ -23,6 +23,8 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("invalid --log filter {:?}", config.log))?,
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for people: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

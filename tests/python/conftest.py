@@ -41,12 +41,12 @@ def binary():
 class Hub:
     """One edgehub process with plain and TLS listeners on 127.0.0.1:0."""
 
-    def __init__(self, binary, data_dir: Path, *args, allow_anonymous=True):
+    def __init__(self, binary, data_dir: Path, *args, allow_anonymous=True, mqtts="127.0.0.1:0"):
         self.data_dir = data_dir
         self.ca = data_dir / "ca.pem"
         cmd = [
             binary, "--data-dir", str(data_dir),
-            "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", "127.0.0.1:0",
+            "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", mqtts,
             "--hostname", "edgehub-test", "--log", "edgehub=debug,info",
         ]
         if allow_anonymous:
@@ -97,8 +97,8 @@ class Hub:
 def start_hub(binary, tmp_path):
     hubs = []
 
-    def start(*args, allow_anonymous=True, name="hub"):
-        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous)
+    def start(*args, allow_anonymous=True, name="hub", mqtts="127.0.0.1:0"):
+        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous, mqtts=mqtts)
         hubs.append(h)
         return h
 
