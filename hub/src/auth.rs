@@ -27,6 +27,9 @@ pub struct Principal {
     /// Identity name (`device` or `device/module` once the IoT Hub layer is in).
     pub name: Arc<str>,
     pub anonymous: bool,
+    /// When the credentials stop being valid (unix seconds, skew included):
+    /// the connection is closed then, as IoT Hub does with expired tokens.
+    pub valid_until: Option<u64>,
 }
 
 /// Why a CONNECT is refused. The message is logged, never sent: it may say
@@ -61,6 +64,7 @@ impl Authenticator for AllowAnonymous {
         Ok(Principal {
             name: info.client_id.into(),
             anonymous: true,
+            valid_until: None,
         })
     }
 }

@@ -401,6 +401,12 @@ impl Connection {
             let deadline = self
                 .keep_alive
                 .map(|ka| tokio::time::Instant::from_std(self.last_read + ka));
+            let credentials_expire = self.principal.valid_until.map(|until| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                tokio::time::Instant::now() + Duration::from_secs(until.saturating_sub(now))
+            });
             tokio::select! {
                 _ = kick.notified() => {
                     return Close {
@@ -439,6 +445,15 @@ impl Connection {
                         reason: Some(reason::KEEP_ALIVE_TIMEOUT),
                         ending: Ending::PublishWill,
                         why: "keep-alive timeout".into(),
+                    };
+                }
+                _ = sleep_until_opt(credentials_expire) => {
+                    // The client reconnects with a fresh token (the SDKs renew
+                    // theirs before expiry); until then it is not authorized.
+                    return Close {
+                        reason: Some(reason::NOT_AUTHORIZED),
+                        ending: Ending::PublishWill,
+                        why: "SAS token expired".into(),
                     };
                 }
             }

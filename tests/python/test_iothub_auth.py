@@ -109,3 +109,15 @@ def test_refusals(iothub, case, expected):
     log = iothub.log()
     assert "connection refused" in log
     assert "sig=" not in log, "the token never reaches the log"
+
+
+def test_connection_closed_when_its_token_expires(iothub):
+    # Expired 297 s ago: still inside the 5-minute skew for about 3 seconds.
+    c = device(iothub, "dev1", sas(f"{GATEWAY}/devices/dev1", DEV_KEY, ttl=-297), version=5)
+    c.connect()
+    started = time.time()
+    rc, _ = c.disconnects.get(timeout=15)
+    assert rc.value == 0x87  # Not authorized
+    assert time.time() - started >= 1.5
+    assert "SAS token expired" in iothub.log()
+    c.c.loop_stop()

@@ -69,6 +69,7 @@ impl Authenticator for IotHubAuth {
                 return Ok(Principal {
                     name: info.client_id.into(),
                     anonymous: true,
+                    valid_until: None,
                 });
             }
             return Err(AuthError::NotAuthorized(format!(
@@ -162,6 +163,7 @@ impl Authenticator for IotHubAuth {
         Ok(Principal {
             name: name.into(),
             anonymous: false,
+            valid_until: Some(token.expiry + super::sas::EXPIRY_SKEW_SECS),
         })
     }
 }
@@ -261,9 +263,14 @@ mod tests {
     #[test]
     fn devices_and_modules_authenticate_with_their_keys() {
         let a = auth(false);
-        let t = sign("gateway.local/devices/dev1", DEV_KEY, later()).unwrap();
+        let expiry = later();
+        let t = sign("gateway.local/devices/dev1", DEV_KEY, expiry).unwrap();
         let p = connect(&a, "dev1", "gateway.local/dev1/?api-version=2021-04-12", &t).unwrap();
         assert_eq!(&*p.name, "Dev1");
+        assert_eq!(
+            p.valid_until,
+            Some(expiry + crate::iothub::sas::EXPIRY_SKEW_SECS)
+        );
         // Secondary key, IoT Hub host name in the token and username.
         let t = sign("hub.azure-devices.net/devices/Dev1", DEV_KEY2, later()).unwrap();
         connect(
@@ -377,14 +384,17 @@ mod tests {
         let dev = Principal {
             name: "Dev1".into(),
             anonymous: false,
+            valid_until: None,
         };
         let module = Principal {
             name: "Dev1/filter".into(),
             anonymous: false,
+            valid_until: None,
         };
         let anon = Principal {
             name: "x".into(),
             anonymous: true,
+            valid_until: None,
         };
         assert!(a.may_publish(&dev, "devices/dev1/messages/events/"));
         assert!(a.may_publish(

@@ -5,8 +5,8 @@
 //! Owns: who a connection is (device or module) and which IoT Hub topics it
 //! may use. Must not touch: the wire (connection/codec) or message storage.
 //! Not yet here (issue 3): identities in the store and the management API
-//! (they come from a JSON file for now), X.509, token re-validation of
-//! long-lived connections, property bags, C2D, twins, methods.
+//! (they come from a JSON file for now), X.509, property bags, C2D, twins,
+//! methods.
 
 pub mod auth;
 pub mod identity;
