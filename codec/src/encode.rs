@@ -98,19 +98,7 @@ pub fn encode(
         Packet::Disconnect(d) => (0xE0, reason_props_len(v5, d.reason, &d.properties, &mut pl)),
         Packet::Auth(a) => (0xF0, reason_props_len(v5, a.reason, &a.properties, &mut pl)),
     };
-    if remaining > MAX_REMAINING {
-        return Err(EncodeError::Unencodable);
-    }
-    let size = 1 + varint_len(remaining) + remaining;
-    if size > max_size {
-        return Err(EncodeError::PacketTooLarge {
-            size,
-            max: max_size,
-        });
-    }
-    out.reserve(size);
-    out.put_u8(first);
-    write_varint(remaining, out);
+    let size = write_header(first, remaining, max_size, out)?;
     let props = |p: &Props, out: &mut BytesMut| {
         if v5 {
             if p.is_none() {
@@ -217,6 +205,30 @@ pub fn encode(
     Ok(size)
 }
 
+/// Checks the limits, reserves the whole packet and writes its fixed header;
+/// returns the packet's size. Nothing is written when a limit is exceeded.
+fn write_header(
+    first: u8,
+    remaining: usize,
+    max_size: usize,
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
+    if remaining > MAX_REMAINING {
+        return Err(EncodeError::Unencodable);
+    }
+    let size = 1 + varint_len(remaining) + remaining;
+    if size > max_size {
+        return Err(EncodeError::PacketTooLarge {
+            size,
+            max: max_size,
+        });
+    }
+    out.reserve(size);
+    out.put_u8(first);
+    write_varint(remaining, out);
+    Ok(size)
+}
+
 /// PUBLISH is written for every delivery: a straight-line path without the
 /// generic two-pass match (about 70 instructions less per packet).
 fn encode_publish(
@@ -230,19 +242,8 @@ fn encode_publish(
     let with_id = p.qos != QoS::AtMostOnce;
     let (plen, pfull) = props_len(v5, &p.properties);
     let remaining = 2 + topic.len() + if with_id { 2 } else { 0 } + pfull + p.payload.len();
-    if remaining > MAX_REMAINING {
-        return Err(EncodeError::Unencodable);
-    }
-    let size = 1 + varint_len(remaining) + remaining;
-    if size > max_size {
-        return Err(EncodeError::PacketTooLarge {
-            size,
-            max: max_size,
-        });
-    }
-    out.reserve(size);
-    out.put_u8(0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain));
-    write_varint(remaining, out);
+    let first = 0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
+    let size = write_header(first, remaining, max_size, out)?;
     write_bin(topic, out);
     if with_id {
         out.put_u16(p.packet_id);

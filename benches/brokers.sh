@@ -1,0 +1,36 @@
+# Sourced by compare.sh and idle.sh: builds the release binaries and starts
+# edgehub (mqtts 127.0.0.1:18883) and mosquitto (mqtts 127.0.0.1:18884) with the
+# same generated certificate, so one CA serves both. Extra edgehub flags come
+# from $HUB_FLAGS, extra mosquitto.conf lines from $MOSQUITTO_CONF. Sets
+# $work, $target_dir, $hub_pid, $mosq_pid; stops both and cleans up on exit.
+if ! command -v mosquitto >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
+fi
+cargo build -q --release -p edgehub -p edgehub-loadtest
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+# Thousands of devices need more descriptors than the usual soft limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+work="$(mktemp -d)"
+cleanup() { kill "${hub_pid:-}" "${mosq_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# shellcheck disable=SC2086
+"$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+    --allow-anonymous --log warn ${HUB_FLAGS:-} > "$work/hub.out" 2>&1 &
+hub_pid=$!
+for _ in $(seq 50); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
+# mosquitto started as root drops to its own user, which must read these.
+chmod a+rx "$work" "$work/hub" "$work/hub/tls"
+chmod a+r "$work/hub/tls/server-key.pem" "$work/hub/tls/server-cert.pem"
+cat > "$work/mosquitto.conf" <<CONF
+listener 18884 127.0.0.1
+allow_anonymous true
+certfile $work/hub/tls/server-cert.pem
+keyfile $work/hub/tls/server-key.pem
+persistence false
+${MOSQUITTO_CONF:-}
+CONF
+mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+mosq_pid=$!
+sleep 0.5
+kill -0 "$mosq_pid" 2>/dev/null || { cat "$work/mosquitto.log"; exit 1; }
