@@ -3,6 +3,8 @@
 # same generated certificate, so one CA serves both. Extra edgehub flags come
 # from $HUB_FLAGS, extra mosquitto.conf lines from $MOSQUITTO_CONF. Sets
 # $work, $target_dir, $hub_pid, $mosq_pid; stops both and cleans up on exit.
+# PIN=1 puts both brokers on core 0 and the load generator ($load_run) on
+# core 1, so the generator does not steal the brokers' CPU time.
 if ! command -v mosquitto >/dev/null; then
     apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
 fi
@@ -11,11 +13,17 @@ target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 # Thousands of devices need more descriptors than the usual soft limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 work="$(mktemp -d)"
+broker_run=()
+load_run=()
+if [ "${PIN:-0}" = 1 ]; then
+    broker_run=(taskset -c 0)
+    load_run=(taskset -c 1)
+fi
 cleanup() { kill "${hub_pid:-}" "${mosq_pid:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 # shellcheck disable=SC2086
-"$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+"${broker_run[@]}" "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
     --allow-anonymous --log warn ${HUB_FLAGS:-} > "$work/hub.out" 2>&1 &
 hub_pid=$!
 for _ in $(seq 50); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
@@ -30,7 +38,7 @@ keyfile $work/hub/tls/server-key.pem
 persistence false
 ${MOSQUITTO_CONF:-}
 CONF
-mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+"${broker_run[@]}" mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 mosq_pid=$!
 sleep 0.5
 kill -0 "$mosq_pid" 2>/dev/null || { cat "$work/mosquitto.log"; exit 1; }

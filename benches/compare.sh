@@ -19,7 +19,7 @@ for qos in ${QOS_LIST:-0 1}; do
     for devices in ${DEVICES_LIST:-100 1000}; do
         echo
         echo "== QoS $qos, $devices devices, 256 B payload, TLS, ${secs}s $*"
-        "$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18883 --compare mqtts://localhost:18884 \
+        "${load_run[@]}" "$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18883 --compare mqtts://localhost:18884 \
             --ca "$work/hub/ca.pem" --devices "$devices" --ramp 2000 --qos "$qos" --payload 256 \
             --inflight 10 --duration "$secs" --json "$work/q${qos}-d${devices}.json" "$@"
     done

@@ -13,7 +13,7 @@ hold=$(( devices / ramp + 8 ))
 for broker in edgehub:18883:$hub_pid mosquitto:18884:$mosq_pid; do
     IFS=: read -r name port pid <<<"$broker"
     before=$(rss_mib "$pid")
-    "$target_dir/release/edgehub-loadtest" --target "mqtts://localhost:$port" --ca "$work/hub/ca.pem" \
+    "${load_run[@]}" "$target_dir/release/edgehub-loadtest" --target "mqtts://localhost:$port" --ca "$work/hub/ca.pem" \
         --devices "$devices" --ramp "$ramp" --count 0 --hold --duration "$hold" > "$work/$name.txt" 2>&1 &
     lt=$!
     sleep $(( devices / ramp + 4 ))
