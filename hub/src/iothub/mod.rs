@@ -2,8 +2,10 @@
 //! authentication of MQTT CONNECT, and per-identity topic authorization,
 //! plugged into the broker through the `auth` seam.
 //!
-//! Owns: who a connection is (device or module) and which IoT Hub topics it
-//! may use. Must not touch: the wire (connection/codec) or message storage.
+//! Owns: who a connection is (device or module), which IoT Hub topics it
+//! may use, and turning its telemetry topics into the shared `Message`
+//! (`telemetry`; not wired into the publish path until routes and the store
+//! are). Must not touch: the wire (connection/codec) or message storage.
 //! Not yet here (issue 3): identities in the store and the management API
 //! (they come from a JSON file for now), X.509, property bags, C2D, twins,
 //! methods.
@@ -11,6 +13,7 @@
 pub mod auth;
 pub mod identity;
 pub mod sas;
+pub mod telemetry;
 
 pub use auth::IotHubAuth;
 pub use identity::{IdentityError, Registry};

@@ -1,0 +1,230 @@
+//! IoT Hub telemetry topics into the shared message model:
+//! `devices/{d}/messages/events/{property bag}` (device telemetry) and
+//! `devices/{d}/modules/{m}/messages/events/{property bag}` (module output,
+//! output name in `$.on`). The property bag is URL-encoded `k=v&k=v`; keys
+//! starting with `$.` are system properties. The connection's identity is
+//! stamped from authentication: a client's own `$.cdid`/`$.cmid` is never
+//! trusted.
+
+use bytes::Bytes;
+use edgehub_router::{Message, MessageSource, SystemProperty};
+use percent_encoding::percent_decode_str;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("topic {0:?} is not an IoT Hub telemetry topic")]
+    NotTelemetry(String),
+    #[error("topic names device {topic:?} but the connection is {identity:?}")]
+    WrongIdentity { topic: String, identity: String },
+    #[error("property bag: {0}")]
+    BadPropertyBag(String),
+}
+
+/// System properties a client may set, by their `$.` key.
+fn system_key(key: &str) -> Option<SystemProperty> {
+    Some(match key {
+        "$.mid" => SystemProperty::MessageId,
+        "$.cid" => SystemProperty::CorrelationId,
+        "$.uid" => SystemProperty::UserId,
+        "$.to" => SystemProperty::To,
+        "$.ct" => SystemProperty::ContentType,
+        "$.ce" => SystemProperty::ContentEncoding,
+        "$.exp" => SystemProperty::ExpiryTimeUtc,
+        "$.schema" => SystemProperty::MessageSchema,
+        "$.ctime" => SystemProperty::CreationTime,
+        "$.on" => SystemProperty::OutputName,
+        "$.ifid" => SystemProperty::InterfaceId,
+        _ => return None,
+    })
+}
+
+fn decode(s: &str) -> Result<String, TelemetryError> {
+    // '+' is not a space in IoT Hub property bags; percent-escapes are.
+    percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| TelemetryError::BadPropertyBag(format!("{s:?} is not UTF-8 once decoded")))
+}
+
+/// Builds the message for a telemetry publish by `identity` (`device` or
+/// `device/module`, as authenticated). `enqueued_time` is the hub's clock
+/// (RFC 3339), `message_id` the edge message id it assigns when the client
+/// gave none.
+pub fn telemetry_message(
+    identity: &str,
+    topic: &str,
+    payload: Bytes,
+    enqueued_time: &str,
+) -> Result<Message, TelemetryError> {
+    let not = || TelemetryError::NotTelemetry(topic.to_owned());
+    let rest = topic.strip_prefix("devices/").ok_or_else(not)?;
+    let (device, rest) = rest.split_once('/').ok_or_else(not)?;
+    let (module, bag) = if let Some(r) = rest.strip_prefix("modules/") {
+        let (m, r) = r.split_once('/').ok_or_else(not)?;
+        (Some(m), r.strip_prefix("messages/events").ok_or_else(not)?)
+    } else {
+        (None, rest.strip_prefix("messages/events").ok_or_else(not)?)
+    };
+    let bag = match bag {
+        "" => "",
+        b => b.strip_prefix('/').ok_or_else(not)?,
+    };
+    let (id_device, id_module) = match identity.split_once('/') {
+        Some((d, m)) => (d, Some(m)),
+        None => (identity, None),
+    };
+    let same_module = match (module, id_module) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        _ => false,
+    };
+    if !device.eq_ignore_ascii_case(id_device) || !same_module {
+        return Err(TelemetryError::WrongIdentity {
+            topic: module.map_or_else(|| device.to_owned(), |m| format!("{device}/{m}")),
+            identity: identity.to_owned(),
+        });
+    }
+    let mut msg = Message::new(payload);
+    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        if k.is_empty() {
+            return Err(TelemetryError::BadPropertyBag(format!(
+                "empty key in {pair:?}"
+            )));
+        }
+        if k == "$.cdid" || k == "$.cmid" {
+            continue; // set by the hub only
+        }
+        match system_key(&k) {
+            Some(p) => msg.set_system(p, &v),
+            None if k.starts_with("$.") => msg.set_system_named(&k[2..], &v),
+            None => msg.set_property(&k, &v),
+        }
+    }
+    msg.set_system(SystemProperty::ConnectionDeviceId, id_device);
+    if let Some(m) = id_module {
+        msg.set_system(SystemProperty::ConnectionModuleId, m);
+    }
+    msg.set_system(SystemProperty::EnqueuedTime, enqueued_time);
+    let source = match id_module {
+        None => MessageSource::Telemetry,
+        Some(m) => MessageSource::ModuleOutput {
+            module: m.into(),
+            output: msg
+                .system(SystemProperty::OutputName)
+                .cloned()
+                .unwrap_or_else(|| "".into()),
+        },
+    };
+    Ok(msg.with_source(source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehub_router::Route;
+
+    const T: &str = "2026-11-26T20:00:00Z";
+
+    #[test]
+    fn device_telemetry_with_property_bag() {
+        let m = telemetry_message(
+            "dev1",
+            "devices/dev1/messages/events/%24.ct=application%2Fjson&%24.ce=utf-8&%24.mid=m1&temp%20unit=C&alert",
+            Bytes::from_static(br#"{"t": 31}"#),
+            T,
+        )
+        .unwrap();
+        assert_eq!(
+            m.system(SystemProperty::ContentType).map(|s| &**s),
+            Some("application/json")
+        );
+        assert_eq!(
+            m.system(SystemProperty::MessageId).map(|s| &**s),
+            Some("m1")
+        );
+        assert_eq!(m.property("temp unit").map(|s| &**s), Some("C"));
+        assert_eq!(m.property("alert").map(|s| &**s), Some(""));
+        assert_eq!(
+            m.system(SystemProperty::ConnectionDeviceId).map(|s| &**s),
+            Some("dev1")
+        );
+        assert_eq!(
+            m.system(SystemProperty::EnqueuedTime).map(|s| &**s),
+            Some(T)
+        );
+        assert_eq!(m.source, Some(MessageSource::Telemetry));
+        // Routes see it as IoT Edge would.
+        let r = Route::parse(
+            "r",
+            "FROM /messages/* WHERE $body.t > 30 AND $connectionDeviceId = 'dev1' INTO $upstream",
+        )
+        .unwrap();
+        assert!(r.matches(&m));
+    }
+
+    #[test]
+    fn module_output_and_untrusted_identity_properties() {
+        let m = telemetry_message(
+            "dev1/filter",
+            "devices/dev1/modules/filter/messages/events/%24.on=alerts&%24.cdid=spoofed&%24.cmid=spoofed",
+            Bytes::new(),
+            T,
+        )
+        .unwrap();
+        assert_eq!(
+            m.system(SystemProperty::ConnectionDeviceId).map(|s| &**s),
+            Some("dev1")
+        );
+        assert_eq!(
+            m.system(SystemProperty::ConnectionModuleId).map(|s| &**s),
+            Some("filter")
+        );
+        assert_eq!(
+            m.source,
+            Some(MessageSource::ModuleOutput {
+                module: "filter".into(),
+                output: "alerts".into()
+            })
+        );
+        let r = Route::parse("r", "FROM /messages/modules/filter/outputs/alerts INTO BrokeredEndpoint(\"/modules/sink/inputs/in\")").unwrap();
+        assert!(r.matches(&m));
+        // No bag at all, with or without the trailing slash.
+        telemetry_message("dev1", "devices/dev1/messages/events", Bytes::new(), T).unwrap();
+        telemetry_message("dev1", "devices/dev1/messages/events/", Bytes::new(), T).unwrap();
+    }
+
+    #[test]
+    fn foreign_and_malformed_topics_are_refused() {
+        let e = |id: &str, t: &str| telemetry_message(id, t, Bytes::new(), T).unwrap_err();
+        assert!(matches!(
+            e("dev1", "devices/dev2/messages/events/"),
+            TelemetryError::WrongIdentity { .. }
+        ));
+        assert!(matches!(
+            e("dev1", "devices/dev1/modules/m/messages/events/"),
+            TelemetryError::WrongIdentity { .. }
+        ));
+        assert!(matches!(
+            e("dev1/m", "devices/dev1/messages/events/"),
+            TelemetryError::WrongIdentity { .. }
+        ));
+        assert!(matches!(
+            e("dev1", "devices/dev1/messages/devicebound/"),
+            TelemetryError::NotTelemetry(_)
+        ));
+        assert!(matches!(
+            e("dev1", "devices/dev1/messages/eventsX"),
+            TelemetryError::NotTelemetry(_)
+        ));
+        assert!(matches!(
+            e("dev1", "devices/dev1/messages/events/a=%FF"),
+            TelemetryError::BadPropertyBag(_)
+        ));
+        assert!(matches!(
+            e("dev1", "devices/dev1/messages/events/=v"),
+            TelemetryError::BadPropertyBag(_)
+        ));
+    }
+}
