@@ -2,7 +2,10 @@
 //! `mqttbytes` (the crate named at the outset) on the same bytes.
 
 use bytes::{Bytes, BytesMut};
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, measurement::WallTime, BatchSize, BenchmarkGroup, BenchmarkId,
+    Criterion, Throughput,
+};
 use edgehub_codec::{decode, encode, Packet, Properties, Protocol, Publish, QoS, Str};
 
 fn publish(payload: usize, v5: bool) -> Publish {
@@ -25,92 +28,69 @@ fn publish(payload: usize, v5: bool) -> Publish {
     }
 }
 
+/// A read buffer holding 64 back-to-back copies of `p`, as after one socket read.
+fn batch_of(p: &Packet, proto: Protocol) -> BytesMut {
+    let mut wire = BytesMut::new();
+    encode(p, proto, &mut wire, usize::MAX).unwrap();
+    let mut batch = BytesMut::new();
+    for _ in 0..64 {
+        batch.extend_from_slice(&wire);
+    }
+    batch
+}
+
+/// Times `decode_all` over a fresh copy of `batch`; the copy is setup, not
+/// timed, for every codec alike. `decode_all` returns the PUBLISHes decoded.
+fn decode_bench(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    size: usize,
+    batch: &BytesMut,
+    decode_all: impl Fn(&mut BytesMut) -> usize,
+) {
+    g.bench_with_input(BenchmarkId::new(name, size), batch, |b, batch| {
+        b.iter_batched(
+            || batch.clone(),
+            |mut buf| assert_eq!(decode_all(&mut buf), 64),
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn bench_decode(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode_publish");
+    g.throughput(Throughput::Elements(64));
     for size in [256usize, 4096] {
-        let mut wire = BytesMut::new();
-        encode(
-            &Packet::Publish(publish(size, false)),
-            Protocol::V311,
-            &mut wire,
-            usize::MAX,
-        )
-        .unwrap();
-        let wire = wire.freeze();
-        // A read buffer holding 64 back-to-back packets, as after one socket read.
-        let mut batch = BytesMut::new();
-        for _ in 0..64 {
-            batch.extend_from_slice(&wire);
-        }
-        g.throughput(Throughput::Elements(64));
-        g.bench_with_input(
-            BenchmarkId::new("edgehub-v311", size),
-            &batch,
-            |b, batch| {
-                b.iter(|| {
-                    let mut buf = batch.clone();
-                    let mut n = 0;
-                    while let Some(p) = decode(&mut buf, Protocol::V311, usize::MAX).unwrap() {
-                        n += matches!(p, Packet::Publish(_)) as usize;
-                    }
-                    assert_eq!(n, 64);
-                })
-            },
-        );
-        g.bench_with_input(
-            BenchmarkId::new("mqttbytes-v4", size),
-            &batch,
-            |b, batch| {
-                b.iter(|| {
-                    let mut buf = batch.clone();
-                    let mut n = 0;
-                    while let Ok(p) = mqttbytes::v4::read(&mut buf, usize::MAX) {
-                        n += matches!(p, mqttbytes::v4::Packet::Publish(_)) as usize;
-                    }
-                    assert_eq!(n, 64);
-                })
-            },
-        );
-        let mut wire5 = BytesMut::new();
-        encode(
-            &Packet::Publish(publish(size, true)),
-            Protocol::V5,
-            &mut wire5,
-            usize::MAX,
-        )
-        .unwrap();
-        let mut batch5 = BytesMut::new();
-        for _ in 0..64 {
-            batch5.extend_from_slice(&wire5);
-        }
-        g.bench_with_input(BenchmarkId::new("edgehub-v5", size), &batch5, |b, batch| {
-            // The copy of the read buffer is setup, not timed.
-            b.iter_batched(
-                || batch.clone(),
-                |mut buf| {
-                    let mut n = 0;
-                    while let Some(p) = decode(&mut buf, Protocol::V5, usize::MAX).unwrap() {
-                        n += matches!(p, Packet::Publish(_)) as usize;
-                    }
-                    assert_eq!(n, 64);
-                },
-                BatchSize::SmallInput,
-            )
+        let batch = batch_of(&Packet::Publish(publish(size, false)), Protocol::V311);
+        decode_bench(&mut g, "edgehub-v311", size, &batch, |buf| {
+            let mut n = 0;
+            while let Some(p) = decode(buf, Protocol::V311, usize::MAX).unwrap() {
+                n += matches!(p, Packet::Publish(_)) as usize;
+            }
+            n
         });
-        g.bench_with_input(
-            BenchmarkId::new("mqttbytes-v5", size),
-            &batch5,
-            |b, batch| {
-                b.iter(|| {
-                    let mut buf = batch.clone();
-                    let mut n = 0;
-                    while let Ok(p) = mqttbytes::v5::read(&mut buf, usize::MAX) {
-                        n += matches!(p, mqttbytes::v5::Packet::Publish(_)) as usize;
-                    }
-                    assert_eq!(n, 64);
-                })
-            },
-        );
+        decode_bench(&mut g, "mqttbytes-v4", size, &batch, |buf| {
+            let mut n = 0;
+            while let Ok(p) = mqttbytes::v4::read(buf, usize::MAX) {
+                n += matches!(p, mqttbytes::v4::Packet::Publish(_)) as usize;
+            }
+            n
+        });
+        let batch5 = batch_of(&Packet::Publish(publish(size, true)), Protocol::V5);
+        decode_bench(&mut g, "edgehub-v5", size, &batch5, |buf| {
+            let mut n = 0;
+            while let Some(p) = decode(buf, Protocol::V5, usize::MAX).unwrap() {
+                n += matches!(p, Packet::Publish(_)) as usize;
+            }
+            n
+        });
+        decode_bench(&mut g, "mqttbytes-v5", size, &batch5, |buf| {
+            let mut n = 0;
+            while let Ok(p) = mqttbytes::v5::read(buf, usize::MAX) {
+                n += matches!(p, mqttbytes::v5::Packet::Publish(_)) as usize;
+            }
+            n
+        });
     }
     g.finish();
 }

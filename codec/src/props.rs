@@ -126,10 +126,6 @@ impl Props {
     pub fn is_none(&self) -> bool {
         self.0.is_none()
     }
-
-    pub fn take(&mut self) -> Properties {
-        self.0.take().map(|b| *b).unwrap_or_default()
-    }
 }
 
 impl std::ops::Deref for Props {

@@ -558,12 +558,12 @@ impl Connection {
                 if st.generation != self.generation {
                     return Ok(());
                 }
+                if v5 && r.reason >= 0x80 {
+                    // The client refused the message: the exchange ends here.
+                    st.inflight.remove(&r.packet_id);
+                    return Ok(());
+                }
                 let known = match st.inflight.get_mut(&r.packet_id) {
-                    Some(o) if v5 && r.reason >= 0x80 => {
-                        let _ = o;
-                        st.inflight.remove(&r.packet_id);
-                        return Ok(());
-                    }
                     Some(o) if o.state != OutState::AwaitPubAck => {
                         o.state = OutState::AwaitPubComp;
                         true

@@ -22,7 +22,7 @@ use edgehub_codec::{Props, Protocol, QoS, SubscriptionOptions, Will};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::auth::{Authenticator, Authorizer, Principal};
+use crate::auth::{Authenticator, Authorizer};
 use session::{Delivery, Message, PendingWill, Session};
 use subscriptions::{SubEntry, SubscriptionTree};
 
@@ -120,10 +120,6 @@ impl Broker {
         self.sessions.len()
     }
 
-    pub fn subscription_count(&self) -> usize {
-        self.subscriptions.load().len()
-    }
-
     /// Changes the subscription tree: writers take turns, readers keep using
     /// the snapshot they loaded until they load again.
     fn update_subscriptions<R>(&self, change: impl FnOnce(&mut SubscriptionTree) -> R) -> R {
@@ -132,10 +128,6 @@ impl Broker {
         let result = change(&mut tree);
         self.subscriptions.store(Arc::new(tree));
         result
-    }
-
-    pub fn retained_count(&self) -> usize {
-        self.retained.read().len()
     }
 
     /// Binds a new connection to its session (MQTT 5.0 3.1.2.4, 3.1.4-3):
@@ -512,11 +504,4 @@ pub fn forwarded_properties(mut p: Props) -> (Props, Option<u32>) {
     p.topic_alias = None;
     p.subscription_identifiers.clear();
     (p, expiry)
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Broker>();
-    is::<Principal>();
 }

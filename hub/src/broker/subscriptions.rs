@@ -19,7 +19,7 @@ use std::sync::Arc;
 type HashMap<K, V> =
     imbl::GenericHashMap<K, V, foldhash::fast::RandomState, imbl::shared_ptr::DefaultSharedPtr>;
 
-use edgehub_codec::{QoS, SubscriptionOptions};
+use edgehub_codec::SubscriptionOptions;
 
 /// What one session asked for with one filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,14 +241,10 @@ mod smallvec_levels {
     }
 }
 
-/// The highest QoS wins when several filters of one session match.
-pub fn merge_qos(a: QoS, b: QoS) -> QoS {
-    a.max(b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgehub_codec::QoS;
 
     fn entry(q: QoS) -> SubEntry {
         SubEntry {
