@@ -95,6 +95,72 @@ pub struct Config {
     /// Seconds a client has to complete the TLS handshake and send CONNECT.
     #[arg(long, env = "EDGEHUB_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout: u64,
+
+    /// Deployment with the routes: a whole manifest (modulesContent.$edgeHub)
+    /// or just the $edgeHub desired properties (schema 1.0/1.1/1.2). Without
+    /// it: `FROM /messages/* INTO $upstream` with a 7200 s time-to-live.
+    #[arg(long, env = "EDGEHUB_ROUTES")]
+    pub routes: Option<PathBuf>,
+
+    /// When a message counts as stored (and is acknowledged): `fsync` waits
+    /// for the write-ahead log to reach the disk (survives power loss);
+    /// `os-buffered` only for the OS to have it (survives a crash of edgehub,
+    /// not of the machine; what IoT Edge's edgeHub does).
+    #[arg(long, env = "EDGEHUB_DURABILITY", value_enum, default_value = "fsync")]
+    pub durability: DurabilityArg,
+
+    /// Disk budget for stored messages (e.g. 500MiB, 10GB, 1048576). When it
+    /// is reached new messages are refused (MQTT 5: PUBACK 0x97 quota
+    /// exceeded; MQTT 3.1.1: the connection is closed) and nothing stored is
+    /// lost. Default: no budget, only the free-disk floor.
+    #[arg(long, env = "EDGEHUB_STORE_MAX_BYTES", value_parser = parse_bytes)]
+    pub store_max_bytes: Option<u64>,
+
+    /// New messages are refused while the data dir's file system has less
+    /// free space than this (0 disables the check).
+    #[arg(long, env = "EDGEHUB_STORE_MIN_FREE_DISK", value_parser = parse_bytes, default_value = "64MiB")]
+    pub store_min_free_disk: u64,
+
+    /// Management API (HTTP) address: outbox, metrics, health. Keep it on
+    /// loopback or a cluster-internal interface.
+    #[arg(long, env = "EDGEHUB_MANAGEMENT_LISTEN", default_value = "127.0.0.1:8787")]
+    pub management_listen: SocketAddr,
+
+    /// Bearer token for the management API's /api routes. Default: generated
+    /// into `<data-dir>/management-token` on first start.
+    #[arg(long, env = "EDGEHUB_MANAGEMENT_TOKEN", hide_env_values = true)]
+    pub management_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    Fsync,
+    OsBuffered,
+}
+
+/// `1048576`, `512KiB`, `64MiB`, `10GiB`, `500MB`, `2GB` (KB/MB/GB are
+/// powers of 1000, KiB/MiB/GiB of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 500MiB or 10GB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "tib" => 1 << 40,
+        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB, GiB, KB, MB, GB)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]

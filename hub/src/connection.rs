@@ -24,12 +24,16 @@ use edgehub_codec::{
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
-use tracing::{debug, info};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tracing::{debug, info, warn};
 
 use crate::auth::{AuthError, ConnectInfo, Principal};
 use crate::broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
 use crate::broker::topic::{parse_shared, valid_filter, valid_topic_name};
 use crate::broker::{forwarded_properties, Broker, Ending};
+use crate::iothub::telemetry::{telemetry_message, TelemetryError};
+use crate::pipeline::{enqueued_time_now, Pipeline};
+use edgehub_store::StoreError;
 
 const TX_HIGH: usize = 64 * 1024;
 const TX_PAUSE_READ: usize = 1024 * 1024;
@@ -66,6 +70,7 @@ fn decode_close(e: &DecodeError) -> Close {
 /// Serves one accepted connection (TLS already established) to its end.
 pub async fn serve<S>(
     broker: Arc<Broker>,
+    pipeline: Option<Arc<Pipeline>>,
     stream: S,
     peer: SocketAddr,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
@@ -116,6 +121,7 @@ pub async fn serve<S>(
     };
     let Some(mut conn) = Connection::accept(
         broker,
+        pipeline,
         *connect,
         peer,
         peer_certificates.as_deref(),
@@ -169,8 +175,17 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
+/// A telemetry message on its way to the store: its PUBACK waits for it.
+type PendingPublish =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u16, QoS, Result<u64, StoreError>)> + Send>>;
+
 struct Connection {
     broker: Arc<Broker>,
+    /// Where IoT Hub telemetry goes (routes, then the store).
+    pipeline: Option<Arc<Pipeline>>,
+    /// Telemetry awaiting its commit, in arrival order: PUBACKs go out in
+    /// the order the PUBLISHes came, while several commits are in flight.
+    pending: FuturesOrdered<PendingPublish>,
     protocol: Protocol,
     peer: SocketAddr,
     client_id: Arc<str>,
@@ -200,6 +215,7 @@ impl Connection {
     /// the connection was refused (CONNACK with the reason already written).
     async fn accept<W: AsyncWrite + Unpin>(
         broker: Arc<Broker>,
+        pipeline: Option<Arc<Pipeline>>,
         c: Connect,
         peer: SocketAddr,
         certs: Option<&[CertificateDer<'static>]>,
@@ -372,6 +388,8 @@ impl Connection {
             problem_info: c.properties.request_problem_information != Some(0),
             tx: BytesMut::with_capacity(8192),
             broker,
+            pipeline,
+            pending: FuturesOrdered::new(),
         };
         conn.send(Packet::ConnAck(ack));
         conn.resend_inflight();
@@ -390,6 +408,9 @@ impl Connection {
         W: AsyncWrite + Unpin,
     {
         let max_in = self.broker.limits.max_packet_size as usize;
+        // Commits in flight per connection before it stops reading; MQTT 5
+        // clients are told the same number as Receive Maximum.
+        let max_pending = self.broker.limits.receive_maximum.max(1) as usize;
         let kick = self.kick.clone();
         let session = self.session.clone();
         // Packets that arrived together with CONNECT.
@@ -422,7 +443,7 @@ impl Connection {
                         why: "server shutting down".into(),
                     };
                 }
-                r = rd.read_buf(&mut rx), if self.tx.len() < TX_PAUSE_READ => {
+                r = rd.read_buf(&mut rx), if self.tx.len() < TX_PAUSE_READ && self.pending.len() < max_pending => {
                     match r {
                         Ok(0) => return Close { reason: None, ending: Ending::PublishWill, why: "connection closed by client without DISCONNECT".into() },
                         Err(e) => return Close { reason: None, ending: Ending::PublishWill, why: format!("read error: {e}") },
@@ -440,6 +461,11 @@ impl Connection {
                     }
                 }
                 _ = session.wake.notified() => {}
+                Some((packet_id, qos, r)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(c) = self.on_stored(packet_id, qos, r) {
+                        return c;
+                    }
+                }
                 _ = sleep_until_opt(deadline) => {
                     return Close {
                         reason: Some(reason::KEEP_ALIVE_TIMEOUT),
@@ -720,6 +746,15 @@ impl Connection {
             }
             return Ok(());
         }
+        if !self.principal.anonymous {
+            if let Some(pipeline) = self.pipeline.clone() {
+                let identity = self.principal.name.clone();
+                match telemetry_message(&identity, &topic, payload.clone(), &enqueued_time_now()) {
+                    Err(TelemetryError::NotTelemetry(_)) => {}
+                    parsed => return self.on_telemetry(&pipeline, qos, packet_id, parsed),
+                }
+            }
+        }
         let (properties, expiry) = forwarded_properties(properties);
         let msg = Arc::new(Message {
             topic,
@@ -750,6 +785,91 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// IoT Hub telemetry: routed and stored, acknowledged once durable.
+    fn on_telemetry(
+        &mut self,
+        pipeline: &Pipeline,
+        qos: QoS,
+        packet_id: u16,
+        parsed: Result<edgehub_router::Message, TelemetryError>,
+    ) -> Result<(), Close> {
+        if qos == QoS::ExactlyOnce {
+            // As IoT Hub: QoS 2 is not supported and closes the connection.
+            return Err(Close::protocol(
+                reason::QOS_NOT_SUPPORTED,
+                "IoT Hub telemetry does not support QoS 2; use QoS 0 or 1",
+            ));
+        }
+        let msg = match parsed {
+            Ok(m) => m,
+            Err(e) => {
+                if self.protocol != Protocol::V5 {
+                    return Err(Close::protocol(reason::TOPIC_NAME_INVALID, e.to_string()));
+                }
+                debug!(client = %self.client_id, error = %e, "telemetry refused");
+                if qos == QoS::AtLeastOnce {
+                    let mut r = Packet::PubAck(PubResp::new(packet_id, reason::TOPIC_NAME_INVALID));
+                    set_reason_props(&mut r, self.reason_props(&e.to_string()));
+                    self.send(r);
+                }
+                return Ok(());
+            }
+        };
+        let fut: PendingPublish = match pipeline.submit(msg) {
+            Ok(Some(stored)) => Box::pin(async move { (packet_id, qos, stored.await) }),
+            // No route took it: counted and dropped, yet acknowledged (the
+            // sender did nothing wrong), in order with the others.
+            Ok(None) => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
+            Err(e) => Box::pin(std::future::ready((packet_id, qos, Err(e)))),
+        };
+        self.pending.push_back(fut);
+        Ok(())
+    }
+
+    /// A telemetry commit finished: acknowledge, or tell the sender why not.
+    fn on_stored(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        r: Result<u64, StoreError>,
+    ) -> Result<(), Close> {
+        if let Some(p) = &self.pipeline {
+            p.record_outcome(&r);
+        }
+        match r {
+            Ok(_) => {
+                if qos == QoS::AtLeastOnce {
+                    self.send(Packet::PubAck(PubResp::new(packet_id, reason::SUCCESS)));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("message not accepted: {e}");
+                warn!(client = %self.client_id, "{why}");
+                if self.protocol != Protocol::V5 {
+                    // MQTT 3.1.1 has no negative PUBACK: closing is the only
+                    // way to tell the sender it was not stored.
+                    return Err(Close {
+                        reason: None,
+                        ending: Ending::PublishWill,
+                        why,
+                    });
+                }
+                if qos == QoS::AtLeastOnce {
+                    let code = if e.is_quota() {
+                        reason::QUOTA_EXCEEDED
+                    } else {
+                        reason::UNSPECIFIED_ERROR
+                    };
+                    let mut r = Packet::PubAck(PubResp::new(packet_id, code));
+                    set_reason_props(&mut r, self.reason_props(&why));
+                    self.send(r);
+                }
+                Ok(())
+            }
+        }
     }
 
     fn on_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {

@@ -13,6 +13,8 @@
 //!   wills and session expiry. Knows no sockets.
 //! - [`auth`]: the authentication/authorization seam the IoT Hub layer plugs into.
 //! - [`iothub`]: IoT Hub identities, SAS authentication, per-identity topic authorization.
+//! - [`pipeline`]: IoT Hub telemetry → routes → store; PUBACK once durable.
+//! - [`management`]: the HTTP management API (outbox, metrics, health).
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
 //!
 //! The wire format lives in the `edgehub-codec` crate.
@@ -22,6 +24,8 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod iothub;
+pub mod management;
+pub mod pipeline;
 pub mod routes_cli;
 pub mod server;
 pub mod tls;

@@ -47,6 +47,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(a) = server.mqtts_addr() {
         println!("listening mqtts {a}");
     }
+    if let Some(a) = server.management_addr() {
+        println!("listening management {a}");
+    }
     tracing::info!(
         mqtt = ?server.mqtt_addr(),
         mqtts = ?server.mqtts_addr(),

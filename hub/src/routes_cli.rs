@@ -114,14 +114,18 @@ fn describe(c: &Condition, msg: &Message) -> String {
     }
 }
 
+/// The `$edgeHub` desired properties inside a deployment manifest (or the
+/// document itself when it is just those).
+pub fn edge_hub_desired(v: &serde_json::Value) -> &serde_json::Value {
+    v.pointer("/modulesContent/$edgeHub/properties.desired")
+        .or_else(|| v.pointer("/content/modulesContent/$edgeHub/properties.desired"))
+        .unwrap_or(v)
+}
+
 /// Checks every route; returns the number of errors after printing them.
 pub fn check(deployment: &Path) -> anyhow::Result<usize> {
     let v = read_json(deployment)?;
-    let desired = v
-        .pointer("/modulesContent/$edgeHub/properties.desired")
-        .or_else(|| v.pointer("/content/modulesContent/$edgeHub/properties.desired"))
-        .unwrap_or(&v);
-    match RouteTable::from_edge_hub_desired(desired) {
+    match RouteTable::from_edge_hub_desired(edge_hub_desired(&v)) {
         Ok(t) => {
             for r in t.routes() {
                 println!("ok    {}: {}", r.name, r.text);

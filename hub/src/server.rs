@@ -13,7 +13,8 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{AllowAnonymous, DenyAll};
 use crate::broker::{Broker, Limits};
-use crate::config::Config;
+use crate::config::{Config, DurabilityArg};
+use crate::pipeline::Pipeline;
 use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +33,22 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Identities(#[from] crate::iothub::IdentityError),
+    #[error("cannot open the message store in {path}: {source}")]
+    Store {
+        path: std::path::PathBuf,
+        source: edgehub_store::StoreError,
+    },
+    #[error(transparent)]
+    Routes(#[from] crate::pipeline::RoutesFileError),
+    #[error("management token file: {0}")]
+    Token(std::io::Error),
 }
 
 pub struct Server {
     broker: Arc<Broker>,
+    pipeline: Arc<Pipeline>,
+    management: Option<TcpListener>,
+    management_token: String,
     mqtt: Option<TcpListener>,
     mqtts: Option<(TcpListener, TlsAcceptor)>,
     shutdown: watch::Sender<bool>,
@@ -86,6 +99,35 @@ impl Server {
             Some(a) => Some(bind(a).await?),
             None => None,
         };
+        let management = bind(config.management_listen).await?;
+        let management_token = match &config.management_token {
+            Some(t) => t.clone(),
+            None => crate::management::ensure_token(&config.data_dir).map_err(ServerError::Token)?,
+        };
+        let routes = crate::pipeline::load_routes(config.routes.as_deref())?;
+        info!(routes = routes.routes().len(), "routes loaded");
+        let mut store_cfg = edgehub_store::StoreConfig::new(config.data_dir.join("store"));
+        store_cfg.durability = match config.durability {
+            DurabilityArg::Fsync => edgehub_store::Durability::Fsync,
+            DurabilityArg::OsBuffered => edgehub_store::Durability::OsBuffered,
+        };
+        store_cfg.max_bytes = config.store_max_bytes;
+        store_cfg.min_free_disk_bytes = config.store_min_free_disk;
+        let store_path = store_cfg.path.clone();
+        let store = tokio::task::spawn_blocking(move || edgehub_store::Store::open(store_cfg))
+            .await
+            .expect("store open task")
+            .map_err(|source| ServerError::Store {
+                path: store_path,
+                source,
+            })?;
+        info!(
+            durability = ?config.durability,
+            max_bytes = ?config.store_max_bytes,
+            stored_bytes = store.live_bytes(),
+            "store open"
+        );
+        let pipeline = Arc::new(Pipeline::new(store, routes));
         let broker = if let Some(path) = &config.identities {
             let registry = Arc::new(crate::iothub::Registry::load(path)?);
             info!(devices = registry.len(), "loaded IoT Hub identities");
@@ -110,6 +152,9 @@ impl Server {
         };
         Ok(Server {
             broker,
+            pipeline,
+            management: Some(management),
+            management_token,
             mqtt,
             mqtts: Some(mqtts),
             shutdown: watch::channel(false).0,
@@ -118,6 +163,14 @@ impl Server {
 
     pub fn broker(&self) -> &Arc<Broker> {
         &self.broker
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    pub fn management_addr(&self) -> Option<SocketAddr> {
+        self.management.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
@@ -133,11 +186,24 @@ impl Server {
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let tracker = Arc::new(Tracker::default());
         let mut accept_tasks = Vec::new();
+        if let Some(l) = self.management.take() {
+            let app = crate::management::router(Arc::new(crate::management::Management {
+                pipeline: self.pipeline.clone(),
+                broker: self.broker.clone(),
+                token: self.management_token.clone(),
+            }));
+            accept_tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    warn!(error = %e, "management API stopped");
+                }
+            }));
+        }
         if let Some(l) = self.mqtt.take() {
             accept_tasks.push(tokio::spawn(accept_loop(
                 l,
                 None,
                 self.broker.clone(),
+                self.pipeline.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -147,6 +213,7 @@ impl Server {
                 l,
                 Some(a),
                 self.broker.clone(),
+                self.pipeline.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -182,6 +249,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
+    pipeline: Arc<Pipeline>,
     shutdown: watch::Receiver<bool>,
     tracker: Arc<Tracker>,
 ) {
@@ -198,11 +266,12 @@ async fn accept_loop(
         tracker.live.fetch_add(1, Ordering::AcqRel);
         let guard = Guard(tracker.clone());
         let broker = broker.clone();
+        let pipeline = pipeline.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            serve_tcp(tcp, peer, tls, broker, shutdown).await;
+            serve_tcp(tcp, peer, tls, broker, pipeline, shutdown).await;
         });
     }
 }
@@ -212,11 +281,13 @@ async fn serve_tcp(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
+    pipeline: Arc<Pipeline>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let pipeline = Some(pipeline);
     match tls {
-        None => crate::connection::serve(broker, tcp, peer, None, shutdown).await,
+        None => crate::connection::serve(broker, pipeline, tcp, peer, None, shutdown).await,
         Some(acceptor) => {
             let timeout = broker.limits.connect_timeout;
             let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -235,7 +306,7 @@ async fn serve_tcp(
                 .1
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            crate::connection::serve(broker, stream, peer, certs, shutdown).await
+            crate::connection::serve(broker, pipeline, stream, peer, certs, shutdown).await
         }
     }
 }

@@ -14,6 +14,8 @@ async fn hub() -> (
 ) {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Config::for_data_dir(dir.path());
+    c.management_listen = "127.0.0.1:0".parse().unwrap();
+    c.store_min_free_disk = 0;
     c.mqtt_listen = Some("127.0.0.1:0".parse().unwrap());
     c.mqtts_listen = "127.0.0.1:0".parse().unwrap();
     c.allow_anonymous = true;

@@ -198,6 +198,16 @@ impl Message {
         self.system[p as usize].as_ref()
     }
 
+    /// Every system property that is set, by name (fields first, then the
+    /// named extras), so a message can be written out and read back with
+    /// [`Message::set_system_named`].
+    pub fn system_properties(&self) -> impl Iterator<Item = (&str, &Arc<str>)> {
+        SystemProperty::ALL
+            .iter()
+            .filter_map(|p| self.system(*p).map(|v| (p.name(), v)))
+            .chain(self.other_system.iter().map(|(k, v)| (&**k, v)))
+    }
+
     /// The body as JSON when the content type is `application/json` and the
     /// encoding UTF-8, -16 or -32 (as IoT Hub requires for `$body` queries);
     /// `None` otherwise or when the body does not parse.

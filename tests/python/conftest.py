@@ -10,6 +10,8 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -47,6 +49,7 @@ class Hub:
         cmd = [
             binary, "--data-dir", str(data_dir),
             "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", mqtts,
+            "--management-listen", "127.0.0.1:0", "--store-min-free-disk", "0",
             "--hostname", "edgehub-test", "--log", "edgehub=debug,info",
         ]
         if allow_anonymous:
@@ -65,7 +68,7 @@ class Hub:
         threading.Thread(target=pump, daemon=True).start()
         self.ports = {}
         deadline = time.time() + 30
-        while len(self.ports) < 2:
+        while len(self.ports) < 3:
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.time()))
             except queue.Empty:
@@ -77,6 +80,45 @@ class Hub:
 
     def port(self, transport):
         return self.ports["mqtts" if transport == "tls" else "mqtt"]
+
+    # The management API (HTTP on loopback).
+    def api(self, method, path, body=None):
+        token = (self.data_dir / "management-token").read_text().strip()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports['management']}{path}", method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def outbox(self, max=1000, endpoint="$upstream"):
+        q = urllib.parse.urlencode({"endpoint": endpoint, "max": max})
+        return self.api("GET", f"/api/outbox?{q}")["messages"]
+
+    def ack_outbox(self, messages, endpoint="$upstream"):
+        q = urllib.parse.urlencode({"endpoint": endpoint})
+        body = {"messages": [{"seq": m["seq"], "priority": m["priority"]} for m in messages]}
+        return self.api("POST", f"/api/outbox/ack?{q}", body)["acknowledged"]
+
+    def drain_outbox(self, endpoint="$upstream"):
+        """Every message in the outbox, removing them."""
+        out = []
+        while True:
+            batch = self.outbox(1000, endpoint)
+            if not batch:
+                return out
+            out += batch
+            assert self.ack_outbox(batch, endpoint) == len(batch)
+
+    def metrics(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['management']}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
 
     def log(self):
         return self.log_path.read_text()

@@ -29,6 +29,8 @@ impl TestHub {
         config.mqtts_listen = "127.0.0.1:0".parse().unwrap();
         config.allow_anonymous = true;
         config.hostname = Some("edgehub-test".into());
+        config.management_listen = "127.0.0.1:0".parse().unwrap();
+        config.store_min_free_disk = 0;
         tweak(&mut config);
         let server = Server::bind(&config).await.unwrap();
         let addr = server.mqtt_addr().unwrap();

@@ -1,0 +1,230 @@
+//! From an accepted IoT Hub message to its durable queue entries: route it,
+//! then hand it to the store's group-commit writer. The connection
+//! acknowledges the sender only when the returned future resolves.
+//!
+//! Owns: the live route table, the endpoint → store queue mapping, message
+//! counters. Must not touch: the wire (the connection decides what a result
+//! means for PUBACK) or storage internals.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use edgehub_router::{Endpoint, Message, RouteTable, SharedRouteTable};
+use edgehub_store::{priority_slot, Append, EndpointHandle, Store, StoreError, Target};
+
+/// The route IoT Edge's portal puts in a new deployment; used when no
+/// deployment was given, so a fresh hub keeps device telemetry for upstream.
+pub const DEFAULT_ROUTE: &str = "FROM /messages/* INTO $upstream";
+
+/// `storeAndForwardConfiguration.timeToLiveSecs` when a deployment sets none
+/// (IoT Edge's default: two hours).
+pub const DEFAULT_TTL_SECS: u32 = 7200;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub received: AtomicU64,
+    pub unrouted: AtomicU64,
+    pub refused_quota: AtomicU64,
+    pub store_errors: AtomicU64,
+}
+
+pub type Stored = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+pub struct Pipeline {
+    store: Store,
+    routes: SharedRouteTable,
+    endpoints: DashMap<Endpoint, Arc<EndpointHandle>>,
+    pub metrics: Metrics,
+    /// Prefix of edge message ids: differs per process start, so ids stay
+    /// unique across restarts without a stored counter.
+    boot: u64,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesFileError {
+    #[error("cannot read routes file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("routes file {path} is not JSON: {source}")]
+    Json {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("routes file {path}: {message}")]
+    Invalid {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// The route table of a deployment file: a whole manifest (with
+/// `modulesContent.$edgeHub`), or just the `$edgeHub` desired properties.
+/// Without a file: [`DEFAULT_ROUTE`] with [`DEFAULT_TTL_SECS`].
+pub fn load_routes(path: Option<&Path>) -> Result<RouteTable, RoutesFileError> {
+    let Some(path) = path else {
+        let mut t = RouteTable::new(vec![
+            edgehub_router::Route::parse("default", DEFAULT_ROUTE).expect("default route parses")
+        ]);
+        t.default_ttl_secs = Some(DEFAULT_TTL_SECS);
+        return Ok(t);
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| RoutesFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| RoutesFileError::Json {
+            path: path.to_owned(),
+            source,
+        })?;
+    let desired = crate::routes_cli::edge_hub_desired(&doc);
+    let mut table = RouteTable::from_edge_hub_desired(desired).map_err(|errors| {
+        RoutesFileError::Invalid {
+            path: path.to_owned(),
+            message: errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    })?;
+    if table.default_ttl_secs.is_none() {
+        table.default_ttl_secs = Some(DEFAULT_TTL_SECS);
+    }
+    Ok(table)
+}
+
+impl Pipeline {
+    pub fn new(store: Store, routes: RouteTable) -> Pipeline {
+        Pipeline {
+            store,
+            routes: SharedRouteTable::new(routes),
+            endpoints: DashMap::new(),
+            metrics: Metrics::default(),
+            boot: rand::random(),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn routes(&self) -> &SharedRouteTable {
+        &self.routes
+    }
+
+    /// The store queue of `endpoint`.
+    pub fn endpoint(&self, endpoint: &Endpoint) -> Result<Arc<EndpointHandle>, StoreError> {
+        if let Some(h) = self.endpoints.get(endpoint) {
+            return Ok(h.clone());
+        }
+        let h = self.store.endpoint(&endpoint.to_string())?;
+        self.endpoints.insert(endpoint.clone(), h.clone());
+        Ok(h)
+    }
+
+    /// Routes `msg` and submits it for storage. `Ok(None)`: no route took
+    /// it, so it is counted and dropped (as IoT Edge does). Otherwise the
+    /// future resolves once the message is durable, or says why it was
+    /// refused.
+    pub fn submit(&self, mut msg: Message) -> Result<Option<Stored>, StoreError> {
+        self.metrics.received.fetch_add(1, Ordering::Relaxed);
+        let decisions = self.routes.load().route(&msg);
+        if decisions.is_empty() {
+            self.metrics.unrouted.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        msg.set_system_named("edgeMessageId", &format!("{:016x}{n:016x}", self.boot));
+        let now = self.store.now_ms();
+        let mut targets = Vec::with_capacity(decisions.len());
+        for d in decisions {
+            targets.push(Target {
+                endpoint: self.endpoint(&d.endpoint)?,
+                priority: priority_slot(d.priority),
+                // 0 means "no expiry" to the store as in the deployment.
+                expires_at_ms: match d.time_to_live_secs {
+                    Some(0) | None => 0,
+                    Some(s) => now + s as u64 * 1000,
+                },
+            });
+        }
+        let append = Append::new(Arc::new(msg), targets);
+        let store = self.store.clone();
+        Ok(Some(Box::pin(async move { store.append(append).await })))
+    }
+
+    /// Counts what became of a submitted message.
+    pub fn record_outcome(&self, r: &Result<u64, StoreError>) {
+        match r {
+            Ok(_) => {}
+            Err(e) if e.is_quota() => {
+                self.metrics.refused_quota.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Prometheus text exposition of the message counters.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let s = self.store.stats();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "edgehub_messages_received_total",
+            "IoT Hub messages received from devices and modules.",
+            &[("", load(&m.received))],
+        );
+        counter(
+            "edgehub_messages_stored_total",
+            "Messages committed to the store.",
+            &[("", load(&s.appended))],
+        );
+        counter(
+            "edgehub_messages_delivered_total",
+            "Queue entries removed because their endpoint acknowledged them.",
+            &[("", load(&s.delivered))],
+        );
+        counter(
+            "edgehub_messages_dropped_total",
+            "Messages not kept, by reason.",
+            &[
+                ("{reason=\"no_route\"}", load(&m.unrouted)),
+                ("{reason=\"ttl_expiry\"}", load(&s.expired)),
+                ("{reason=\"quota_exceeded\"}", load(&m.refused_quota)),
+                ("{reason=\"store_error\"}", load(&m.store_errors)),
+            ],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP edgehub_store_bytes Bytes of messages held, as counted against --store-max-bytes.\n# TYPE edgehub_store_bytes gauge\nedgehub_store_bytes {}",
+            self.store.live_bytes()
+        );
+    }
+}
+
+/// `enqueuedTime` as IoT Hub writes it (RFC 3339, UTC).
+pub fn enqueued_time_now() -> String {
+    let now = std::time::SystemTime::now();
+    let t = time::OffsetDateTime::from(now);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+

@@ -1,0 +1,288 @@
+"""Store-and-forward through the real binary: IoT Hub telemetry is routed,
+committed to RocksDB before its PUBACK, and read back from the `$upstream`
+outbox over the management API — across graceful restarts and kill -9."""
+
+import base64
+import json
+import random
+import signal
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from test_iothub_auth import DEV_KEY, GATEWAY, sas
+
+DEVICES = [f"dev{i}" for i in range(4)]
+
+
+def identities(tmp_path):
+    p = tmp_path / "identities.json"
+    p.write_text(json.dumps({
+        "iothubHostname": "myhub.azure-devices.net",
+        "devices": [{"deviceId": d, "primaryKey": DEV_KEY} for d in DEVICES],
+    }))
+    return str(p)
+
+
+def routes_file(tmp_path, routes, ttl=None):
+    desired = {"schemaVersion": "1.1", "routes": routes}
+    if ttl is not None:
+        desired["storeAndForwardConfiguration"] = {"timeToLiveSecs": ttl}
+    p = tmp_path / "routes.json"
+    p.write_text(json.dumps(desired))
+    return str(p)
+
+
+class Device:
+    """A paho client with a SAS token; records which publishes were acknowledged
+    and with which reason code."""
+
+    def __init__(self, hub, device_id, version=mqtt.MQTTv311):
+        self.id = device_id
+        self.version = version
+        self.acked = {}  # mid -> reason code value
+        self.payloads = {}  # mid -> payload
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.disconnect_rc = None
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id,
+                             protocol=version, reconnect_on_failure=False)
+        self.c.username_pw_set(f"{GATEWAY}/{device_id}/?api-version=2021-04-12",
+                               sas(f"{GATEWAY}/devices/{device_id}", DEV_KEY))
+        self.c.tls_set(ca_certs=str(hub.ca))
+        self.c.max_inflight_messages_set(20)
+        connected = threading.Event()
+        self.c.on_connect = lambda c, u, f, rc, p: connected.set()
+        self.c.on_publish = self._on_publish
+        self.c.on_disconnect = self._on_disconnect
+        self.c.connect("localhost", hub.port("tls"), 30)
+        self.c.loop_start()
+        assert connected.wait(10), f"{device_id} did not connect"
+
+    def _on_publish(self, c, u, mid, rc, p):
+        with self.lock:
+            self.acked[mid] = rc.value if hasattr(rc, "value") else rc
+
+    def _on_disconnect(self, c, u, f, rc, p):
+        self.disconnect_rc = rc
+        self.closed.set()
+
+    def send(self, payload, props="", qos=1):
+        info = self.c.publish(f"devices/{self.id}/messages/events/{props}", payload, qos)
+        with self.lock:
+            self.payloads[info.mid] = payload
+        return info
+
+    def acknowledged(self, ok_only=True):
+        with self.lock:
+            return {self.payloads[m] for m, rc in self.acked.items() if not ok_only or rc == 0}
+
+    def stop(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def wait_for(cond, timeout=20, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def bodies(messages):
+    return [base64.b64decode(m["body"]) for m in messages]
+
+
+def test_telemetry_is_stored_with_its_identity_and_read_from_the_outbox(start_hub, tmp_path):
+    hub = start_hub("--identities", identities(tmp_path), allow_anonymous=False)
+    d = Device(hub, "dev1")
+    info = d.send(b'{"t": 21}', "%24.ct=application%2Fjson&%24.ce=utf-8&%24.cdid=spoofed&unit=C")
+    info.wait_for_publish(5)
+    assert info.is_published()
+    out = hub.outbox()
+    assert bodies(out) == [b'{"t": 21}']
+    m = out[0]
+    assert m["properties"] == {"unit": "C"}
+    sp = m["system_properties"]
+    assert sp["connectionDeviceId"] == "dev1", "identity comes from authentication"
+    assert sp["contentType"] == "application/json"
+    assert sp["enqueuedTime"].startswith("20") and "edgeMessageId" in sp
+    assert m["priority"] == 10 and m["expires_at_ms"] > time.time() * 1000
+    # Reading does not remove; acknowledging does.
+    assert len(hub.outbox()) == 1
+    assert hub.ack_outbox(out) == 1
+    assert hub.outbox() == []
+    mt = hub.metrics()
+    assert mt["edgehub_messages_received_total"] == 1
+    assert mt["edgehub_messages_stored_total"] == 1
+    assert mt["edgehub_messages_delivered_total"] == 1
+    assert mt["edgehub_store_bytes"] == 0
+    d.stop()
+
+
+def test_management_api_needs_the_token(start_hub, tmp_path):
+    import urllib.error
+    import urllib.request
+    hub = start_hub("--identities", identities(tmp_path), allow_anonymous=False)
+    url = f"http://127.0.0.1:{hub.ports['management']}/api/outbox"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5)
+        assert e.value.code == 401
+        assert "token" in json.loads(e.value.read())["error"]
+    with pytest.raises(urllib.error.HTTPError) as e:
+        hub.api("POST", "/api/outbox/ack", {"messages": [{"seq": 1, "priority": 11}]})
+    assert e.value.code == 400
+
+
+def test_stored_messages_survive_a_restart(start_hub, tmp_path):
+    ids = identities(tmp_path)
+    hub = start_hub("--identities", ids, allow_anonymous=False, name="h")
+    d = Device(hub, "dev1")
+    for i in range(50):
+        d.send(f"m{i}".encode())
+    wait_for(lambda: len(d.acknowledged()) == 50, what="50 PUBACKs")
+    d.stop()
+    assert hub.stop() == 0
+    hub = start_hub("--identities", ids, allow_anonymous=False, name="h")
+    assert bodies(hub.drain_outbox()) == [f"m{i}".encode() for i in range(50)]
+    hub.stop()
+    hub = start_hub("--identities", ids, allow_anonymous=False, name="h")
+    assert hub.outbox() == [], "acknowledged outbox entries stay removed"
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_under_load_loses_no_acknowledged_message(start_hub, tmp_path):
+    """Several devices publish QoS 1 while the hub is killed with SIGKILL at
+    random moments, three times; every message any device saw acknowledged
+    must come out of the outbox afterwards (duplicates are allowed)."""
+    ids = identities(tmp_path)
+    rng = random.Random(7)
+    acknowledged = set()
+    sent_total = 0
+    for rnd in range(5):
+        hub = start_hub("--identities", ids, allow_anonymous=False, name="crash")
+        devices = [Device(hub, d) for d in DEVICES]
+        stop = threading.Event()
+
+        def pump(dev, rnd=rnd):
+            i = 0
+            while not stop.is_set() and not dev.closed.is_set() and i < 3000:
+                dev.send(f"{dev.id}-{rnd}-{i}".encode())
+                i += 1
+                if i % 20 == 0:
+                    time.sleep(0.005)
+
+        threads = [threading.Thread(target=pump, args=(d,)) for d in devices]
+        for t in threads:
+            t.start()
+        # Kill once some messages were acknowledged, at a random point.
+        wait_for(lambda: sum(len(d.acknowledged()) for d in devices) >= rng.randint(100, 1500),
+                 what="some PUBACKs")
+        hub.proc.send_signal(signal.SIGKILL)
+        hub.proc.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for d in devices:
+            d.c.loop_stop()
+            acknowledged |= d.acknowledged()
+            sent_total += len(d.payloads)
+        hub.stop()
+    assert len(acknowledged) >= 150 and sent_total > len(acknowledged) / 2
+    hub = start_hub("--identities", ids, allow_anonymous=False, name="crash")
+    stored = set(bodies(hub.drain_outbox()))
+    print(f"acknowledged {len(acknowledged)} of {sent_total} sent; outbox holds {len(stored)}")
+    missing = acknowledged - stored
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {sorted(missing)[:5]}"
+
+
+def test_unrouted_messages_are_counted_acknowledged_and_dropped(start_hub, tmp_path):
+    routes = routes_file(tmp_path, {"alerts": "FROM /messages/* WHERE alert = 'yes' INTO $upstream"})
+    hub = start_hub("--identities", identities(tmp_path), "--routes", routes, allow_anonymous=False)
+    d = Device(hub, "dev1")
+    d.send(b"quiet").wait_for_publish(5)
+    d.send(b"loud", "alert=yes").wait_for_publish(5)
+    wait_for(lambda: len(d.acknowledged()) == 2, what="both PUBACKs")
+    assert bodies(hub.outbox()) == [b"loud"]
+    mt = hub.metrics()
+    assert mt['edgehub_messages_dropped_total{reason="no_route"}'] == 1
+    assert mt["edgehub_messages_stored_total"] == 1
+    d.stop()
+
+
+def test_route_priority_decides_outbox_order(start_hub, tmp_path):
+    routes = routes_file(tmp_path, {
+        "urgent": {"route": "FROM /messages/* WHERE alert = 'yes' INTO $upstream", "priority": 0},
+        "rest": {"route": "FROM /messages/* WHERE NOT is_defined(alert) INTO $upstream", "priority": 5},
+    })
+    hub = start_hub("--identities", identities(tmp_path), "--routes", routes, allow_anonymous=False)
+    d = Device(hub, "dev1")
+    for body, props in [(b"a", ""), (b"b", ""), (b"ALERT", "alert=yes"), (b"c", "")]:
+        d.send(body, props)
+    wait_for(lambda: len(d.acknowledged()) == 4, what="4 PUBACKs")
+    out = hub.outbox()
+    assert bodies(out) == [b"ALERT", b"a", b"b", b"c"]
+    assert [m["priority"] for m in out] == [0, 5, 5, 5]
+    d.stop()
+
+
+def test_expired_messages_are_removed_and_counted(start_hub, tmp_path):
+    routes = routes_file(tmp_path, {"all": "FROM /messages/* INTO $upstream"}, ttl=1)
+    hub = start_hub("--identities", identities(tmp_path), "--routes", routes, allow_anonymous=False)
+    d = Device(hub, "dev1")
+    d.send(b"short-lived").wait_for_publish(5)
+    wait_for(lambda: hub.metrics()['edgehub_messages_dropped_total{reason="ttl_expiry"}'] == 1,
+             what="the sweeper to remove the expired message")
+    assert hub.outbox() == []
+    assert hub.metrics()["edgehub_store_bytes"] == 0
+    d.stop()
+
+
+def test_qos2_telemetry_closes_the_connection_as_iot_hub_does(start_hub, tmp_path):
+    hub = start_hub("--identities", identities(tmp_path), allow_anonymous=False)
+    d = Device(hub, "dev1", version=mqtt.MQTTv5)
+    d.send(b"x", qos=2)
+    assert d.closed.wait(5)
+    assert d.disconnect_rc.value == 0x9B  # QoS not supported
+    assert hub.outbox() == []
+
+
+def test_disk_budget_refuses_then_recovers_after_draining(start_hub, tmp_path):
+    hub = start_hub("--identities", identities(tmp_path), "--store-max-bytes", "40KiB",
+                    allow_anonymous=False)
+    d5 = Device(hub, "dev1", version=mqtt.MQTTv5)
+    body = b"x" * 1024
+    accepted = 0
+    refused = None
+    for i in range(200):
+        info = d5.send(body + str(i).encode())
+        info.wait_for_publish(5)
+        rc = d5.acked[info.mid]
+        if rc == 0:
+            accepted += 1
+        else:
+            refused = rc
+            break
+    assert refused == 0x97, "MQTT 5: PUBACK quota exceeded"
+    assert 20 <= accepted < 40
+    assert hub.metrics()['edgehub_messages_dropped_total{reason="quota_exceeded"}'] == 1
+
+    # MQTT 3.1.1 has no negative PUBACK: the connection is closed.
+    d3 = Device(hub, "dev2")
+    d3.send(b"over budget" + body * 2)
+    assert d3.closed.wait(5)
+    assert "store is full" in hub.log()
+
+    # Nothing stored was lost; once drained, messages are accepted again.
+    stored = hub.drain_outbox()
+    assert len(stored) == accepted
+    info = d5.send(b"after drain")
+    info.wait_for_publish(5)
+    assert d5.acked[info.mid] == 0
+    assert bodies(hub.outbox()) == [b"after drain"]
+    d5.stop()
