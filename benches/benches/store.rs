@@ -32,7 +32,11 @@ fn open(dir: &std::path::Path, durability: Durability) -> Store {
 
 fn append(c: &mut Criterion) {
     for (durability, label, batches) in [
-        (Durability::OsBuffered, "os-buffered", &[1usize, 64, 1024][..]),
+        (
+            Durability::OsBuffered,
+            "os-buffered",
+            &[1usize, 64, 1024][..],
+        ),
         (Durability::Fsync, "fsync", &[1, 64, 1024][..]),
     ] {
         let mut g = c.benchmark_group(format!("store_append_{label}"));
@@ -101,21 +105,24 @@ fn read_back(c: &mut Criterion) {
             store.append_batch(&items);
         }
         g.throughput(Throughput::Elements(N as u64));
-        g.bench_function(BenchmarkId::new("backlog_from_disk", format!("{size}B")), |b| {
-            b.iter(|| {
-                // A fresh reader starts at the checkpoint and reads RocksDB.
-                let mut r = store.reader(ep.clone()).unwrap();
-                let mut n = 0;
-                loop {
-                    let batch = r.try_next(256).unwrap();
-                    if batch.is_empty() {
-                        break;
+        g.bench_function(
+            BenchmarkId::new("backlog_from_disk", format!("{size}B")),
+            |b| {
+                b.iter(|| {
+                    // A fresh reader starts at the checkpoint and reads RocksDB.
+                    let mut r = store.reader(ep.clone()).unwrap();
+                    let mut n = 0;
+                    loop {
+                        let batch = r.try_next(256).unwrap();
+                        if batch.is_empty() {
+                            break;
+                        }
+                        n += batch.len();
                     }
-                    n += batch.len();
-                }
-                assert_eq!(n, N);
-            })
-        });
+                    assert_eq!(n, N);
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -123,7 +123,11 @@ pub struct Config {
 
     /// Management API (HTTP) address: outbox, metrics, health. Keep it on
     /// loopback or a cluster-internal interface.
-    #[arg(long, env = "EDGEHUB_MANAGEMENT_LISTEN", default_value = "127.0.0.1:8787")]
+    #[arg(
+        long,
+        env = "EDGEHUB_MANAGEMENT_LISTEN",
+        default_value = "127.0.0.1:8787"
+    )]
     pub management_listen: SocketAddr,
 
     /// Bearer token for the management API's /api routes. Default: generated
@@ -157,7 +161,11 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         "t" | "tb" => 1000 * 1000 * 1000 * 1000,
         "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} (use KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} (use KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))

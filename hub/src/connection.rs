@@ -21,10 +21,10 @@ use edgehub_codec::{
     EncodeError, Packet, Properties, Props, Protocol, PubResp, Publish, QoS, Str, SubAck,
     Subscribe, UnsubAck, Unsubscribe,
 };
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
-use futures_util::stream::{FuturesOrdered, StreamExt};
 use tracing::{debug, info, warn};
 
 use crate::auth::{AuthError, ConnectInfo, Principal};
@@ -176,8 +176,9 @@ async fn read_connect<R: AsyncRead + Unpin>(
 }
 
 /// A telemetry message on its way to the store: its PUBACK waits for it.
-type PendingPublish =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (u16, QoS, Result<u64, StoreError>)> + Send>>;
+type PendingPublish = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (u16, QoS, Result<u64, StoreError>)> + Send>,
+>;
 
 struct Connection {
     broker: Arc<Broker>,

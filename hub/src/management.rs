@@ -67,11 +67,7 @@ pub fn router(m: Arc<Management>) -> Router {
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(serde_json::json!({ "error": message.into() })),
-    )
-        .into_response()
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
 fn authorized(m: &Management, headers: &HeaderMap) -> Result<(), Response> {
@@ -102,11 +98,7 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
         "# HELP edgehub_connections Open MQTT connections.\n# TYPE edgehub_connections gauge\nedgehub_connections {}\n",
         load(&s.connections)
     ));
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 #[derive(Deserialize)]
@@ -203,7 +195,11 @@ async fn outbox_ack(
             )
         }
     };
-    if let Some(bad) = ack.messages.iter().find(|a| a.priority > edgehub_store::LOWEST_PRIORITY) {
+    if let Some(bad) = ack
+        .messages
+        .iter()
+        .find(|a| a.priority > edgehub_store::LOWEST_PRIORITY)
+    {
         return error(
             StatusCode::BAD_REQUEST,
             format!("priority {} out of range 0-10", bad.priority),

@@ -69,9 +69,9 @@ pub enum RoutesFileError {
 /// Without a file: [`DEFAULT_ROUTE`] with [`DEFAULT_TTL_SECS`].
 pub fn load_routes(path: Option<&Path>) -> Result<RouteTable, RoutesFileError> {
     let Some(path) = path else {
-        let mut t = RouteTable::new(vec![
-            edgehub_router::Route::parse("default", DEFAULT_ROUTE).expect("default route parses")
-        ]);
+        let mut t =
+            RouteTable::new(vec![edgehub_router::Route::parse("default", DEFAULT_ROUTE)
+                .expect("default route parses")]);
         t.default_ttl_secs = Some(DEFAULT_TTL_SECS);
         return Ok(t);
     };
@@ -85,16 +85,15 @@ pub fn load_routes(path: Option<&Path>) -> Result<RouteTable, RoutesFileError> {
             source,
         })?;
     let desired = crate::routes_cli::edge_hub_desired(&doc);
-    let mut table = RouteTable::from_edge_hub_desired(desired).map_err(|errors| {
-        RoutesFileError::Invalid {
+    let mut table =
+        RouteTable::from_edge_hub_desired(desired).map_err(|errors| RoutesFileError::Invalid {
             path: path.to_owned(),
             message: errors
                 .iter()
                 .map(|e| e.to_string())
                 .collect::<Vec<_>>()
                 .join("; "),
-        }
-    })?;
+        })?;
     if table.default_ttl_secs.is_none() {
         table.default_ttl_secs = Some(DEFAULT_TTL_SECS);
     }
@@ -227,4 +226,3 @@ pub fn enqueued_time_now() -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
-

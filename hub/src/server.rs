@@ -102,7 +102,9 @@ impl Server {
         let management = bind(config.management_listen).await?;
         let management_token = match &config.management_token {
             Some(t) => t.clone(),
-            None => crate::management::ensure_token(&config.data_dir).map_err(ServerError::Token)?,
+            None => {
+                crate::management::ensure_token(&config.data_dir).map_err(ServerError::Token)?
+            }
         };
         let routes = crate::pipeline::load_routes(config.routes.as_deref())?;
         info!(routes = routes.routes().len(), "routes loaded");

@@ -38,8 +38,8 @@ use bytes::Bytes;
 use edgehub_router::Message;
 use parking_lot::Mutex;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, MergeOperands,
-    Options, ReadOptions, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode,
+    MergeOperands, Options, ReadOptions, WriteBatch, WriteOptions, DB,
 };
 
 pub use reader::EndpointReader;
@@ -330,8 +330,9 @@ impl Store {
     /// Opens (or creates) the store and starts its writer thread. Work is
     /// independent of how many messages are stored: no scan at startup.
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(&cfg.path)
-            .map_err(|e| StoreError::Corrupt(format!("cannot create {}: {e}", cfg.path.display())))?;
+        std::fs::create_dir_all(&cfg.path).map_err(|e| {
+            StoreError::Corrupt(format!("cannot create {}: {e}", cfg.path.display()))
+        })?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -454,9 +455,12 @@ impl Store {
         let id = *next_id;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        inner
-            .db
-            .put_cf_opt(inner.cf(CF_ENDPOINTS), name.as_bytes(), id.to_le_bytes(), &wo)?;
+        inner.db.put_cf_opt(
+            inner.cf(CF_ENDPOINTS),
+            name.as_bytes(),
+            id.to_le_bytes(),
+            &wo,
+        )?;
         *next_id += 1;
         // Under the sequence lock: a new endpoint's live queue must start
         // exactly where commits are.
@@ -478,7 +482,10 @@ impl Store {
     /// message and its queue entries are durable (per [`Durability`]); only
     /// then may the sender be acknowledged.
     pub async fn append(&self, append: Append) -> Result<u64, StoreError> {
-        self.writer.submit(append)?.await.map_err(|_| StoreError::Closed)?
+        self.writer
+            .submit(append)?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Commits a batch in the caller's thread: what the writer does per
@@ -491,30 +498,36 @@ impl Store {
     /// checkpoints. Bodies no other endpoint holds are deleted. Entries
     /// already removed (expired meanwhile) are skipped.
     pub fn ack(&self, endpoint: &EndpointHandle, entries: &[Entry]) -> Result<usize, StoreError> {
-        let n = self.inner.remove(
-            entries
-                .iter()
-                .map(|e| Removal {
-                    ep: endpoint.id,
-                    prio: e.priority,
-                    seq: e.seq,
-                    targets: Some(e.targets.clone()),
-                }),
-        )?;
-        self.inner.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        let n = self.inner.remove(entries.iter().map(|e| Removal {
+            ep: endpoint.id,
+            prio: e.priority,
+            seq: e.seq,
+            targets: Some(e.targets.clone()),
+        }))?;
+        self.inner
+            .stats
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
     /// Like [`Store::ack`] for a consumer that only kept `(priority, seq)`
     /// pairs (the management API's outbox).
-    pub fn ack_seqs(&self, endpoint: &EndpointHandle, seqs: &[(u8, u64)]) -> Result<usize, StoreError> {
+    pub fn ack_seqs(
+        &self,
+        endpoint: &EndpointHandle,
+        seqs: &[(u8, u64)],
+    ) -> Result<usize, StoreError> {
         let n = self.inner.remove(seqs.iter().map(|(prio, seq)| Removal {
             ep: endpoint.id,
             prio: *prio,
             seq: *seq,
             targets: None,
         }))?;
-        self.inner.stats.delivered.fetch_add(n as u64, Ordering::Relaxed);
+        self.inner
+            .stats
+            .delivered
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
@@ -532,7 +545,10 @@ impl Store {
             let got = self
                 .inner
                 .read_queue(endpoint.id, prio, from, u64::MAX, max - out.len())?;
-            out.extend(got.into_iter().filter(|e| !is_expired(e.expires_at_ms, now)));
+            out.extend(
+                got.into_iter()
+                    .filter(|e| !is_expired(e.expires_at_ms, now)),
+            );
         }
         Ok(out)
     }
@@ -589,7 +605,10 @@ impl Store {
         inner
             .db
             .iterator_cf(inner.cf(table.cf()), IteratorMode::Start)
-            .map(|r| r.map(|(k, v)| (k.into_vec(), v.into_vec())).map_err(Into::into))
+            .map(|r| {
+                r.map(|(k, v)| (k.into_vec(), v.into_vec()))
+                    .map_err(Into::into)
+            })
             .collect()
     }
 
@@ -629,7 +648,9 @@ struct Removal {
 
 impl Inner {
     fn cf(&self, name: &str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
     }
 
     fn write_opts(&self) -> WriteOptions {
@@ -648,9 +669,17 @@ impl Inner {
             let low = free < floor;
             if low != self.disk_low.swap(low, Ordering::Relaxed) {
                 if low {
-                    tracing::warn!(free, floor, "free disk below the floor: refusing new messages");
+                    tracing::warn!(
+                        free,
+                        floor,
+                        "free disk below the floor: refusing new messages"
+                    );
                 } else {
-                    tracing::info!(free, floor, "free disk above the floor again: accepting messages");
+                    tracing::info!(
+                        free,
+                        floor,
+                        "free disk above the floor again: accepting messages"
+                    );
                 }
             }
         }
@@ -663,7 +692,8 @@ impl Inner {
         let live = self.live_bytes.load(Ordering::Relaxed).max(0) as u64;
         let mut added = 0u64;
         let disk_low = self.disk_low.load(Ordering::Relaxed);
-        let (messages, queues, expiry) = (self.cf(CF_MESSAGES), self.cf(CF_QUEUES), self.cf(CF_EXPIRY));
+        let (messages, queues, expiry) =
+            (self.cf(CF_MESSAGES), self.cf(CF_QUEUES), self.cf(CF_EXPIRY));
         for item in items {
             if item.targets.is_empty() {
                 results.push(Err(StoreError::NoTargets));
@@ -690,9 +720,17 @@ impl Inner {
             batch.put_cf(messages, keys::seq(seq), &item.record);
             for t in &item.targets {
                 let ep = t.endpoint.id;
-                batch.put_cf(queues, keys::queue(ep, t.priority, seq), t.expires_at_ms.to_le_bytes());
+                batch.put_cf(
+                    queues,
+                    keys::queue(ep, t.priority, seq),
+                    t.expires_at_ms.to_le_bytes(),
+                );
                 if t.expires_at_ms != 0 {
-                    batch.put_cf(expiry, keys::expiry(t.expires_at_ms, ep, t.priority, seq), []);
+                    batch.put_cf(
+                        expiry,
+                        keys::expiry(t.expires_at_ms, ep, t.priority, seq),
+                        [],
+                    );
                 }
             }
             added += cost;
@@ -757,10 +795,11 @@ impl Inner {
         ro.set_iterate_lower_bound(keys::queue(ep, prio, from).to_vec());
         ro.set_iterate_upper_bound(keys::queue(ep, prio, until).to_vec());
         let mut found: Vec<(u64, u64)> = Vec::new();
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_QUEUES), ro, IteratorMode::From(&keys::queue(ep, prio, from), Direction::Forward))
-        {
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_QUEUES),
+            ro,
+            IteratorMode::From(&keys::queue(ep, prio, from), Direction::Forward),
+        ) {
             let (k, v) = item?;
             let expires = u64::from_le_bytes((*v).try_into().unwrap_or([0; 8]));
             found.push((keys::queue_seq(&k), expires));
@@ -795,7 +834,8 @@ impl Inner {
     /// first remaining entry.
     fn remove(&self, removals: impl Iterator<Item = Removal>) -> Result<usize, StoreError> {
         let _g = self.remove_lock.lock();
-        let (messages, queues, expiry) = (self.cf(CF_MESSAGES), self.cf(CF_QUEUES), self.cf(CF_EXPIRY));
+        let (messages, queues, expiry) =
+            (self.cf(CF_MESSAGES), self.cf(CF_QUEUES), self.cf(CF_EXPIRY));
         let mut batch = WriteBatch::default();
         let mut gone: HashSet<(u32, u64)> = HashSet::new();
         let mut touched: BTreeMap<(u32, u8), u64> = BTreeMap::new();
@@ -830,7 +870,11 @@ impl Inner {
                 if *ep == r.ep || gone.contains(&(*ep, r.seq)) {
                     continue;
                 }
-                if self.db.get_pinned_cf(queues, keys::queue(*ep, *prio, r.seq))?.is_some() {
+                if self
+                    .db
+                    .get_pinned_cf(queues, keys::queue(*ep, *prio, r.seq))?
+                    .is_some()
+                {
                     held_elsewhere = true;
                     break;
                 }
@@ -843,7 +887,11 @@ impl Inner {
         if removed == 0 {
             return Ok(0);
         }
-        batch.merge_cf(self.cf(CF_META), keys::META_LIVE_BYTES, (-(freed as i64)).to_le_bytes());
+        batch.merge_cf(
+            self.cf(CF_META),
+            keys::META_LIVE_BYTES,
+            (-(freed as i64)).to_le_bytes(),
+        );
         // Unsynced: losing a removal only means a redelivery.
         self.db.write(batch)?;
         self.live_bytes.fetch_sub(freed as i64, Ordering::Relaxed);
@@ -860,7 +908,11 @@ impl Inner {
             };
             if cp > old {
                 h.checkpoints[prio as usize].store(cp, Ordering::Release);
-                cp_batch.put_cf(self.cf(CF_CHECKPOINTS), keys::checkpoint(ep, prio), cp.to_le_bytes());
+                cp_batch.put_cf(
+                    self.cf(CF_CHECKPOINTS),
+                    keys::checkpoint(ep, prio),
+                    cp.to_le_bytes(),
+                );
             }
         }
         drop(by_id);
@@ -893,16 +945,22 @@ impl Inner {
             let mut ro = ReadOptions::default();
             ro.set_iterate_upper_bound(keys::expiry(now + 1, 0, 0, 0).to_vec());
             let mut found = Vec::new();
-            for item in self.db.iterator_cf_opt(self.cf(CF_EXPIRY), ro, IteratorMode::Start) {
+            for item in self
+                .db
+                .iterator_cf_opt(self.cf(CF_EXPIRY), ro, IteratorMode::Start)
+            {
                 let (k, _) = item?;
-                let (at, ep, prio, seq) =
-                    keys::parse_expiry(&k).ok_or_else(|| StoreError::Corrupt("expiry key".into()))?;
-                found.push((at, Removal {
-                    ep,
-                    prio,
-                    seq,
-                    targets: None,
-                }));
+                let (at, ep, prio, seq) = keys::parse_expiry(&k)
+                    .ok_or_else(|| StoreError::Corrupt("expiry key".into()))?;
+                found.push((
+                    at,
+                    Removal {
+                        ep,
+                        prio,
+                        seq,
+                        targets: None,
+                    },
+                ));
                 if found.len() >= 4096 {
                     break;
                 }
@@ -928,7 +986,9 @@ impl Inner {
             }
         }
         if total > 0 {
-            self.stats.expired.fetch_add(total as u64, Ordering::Relaxed);
+            self.stats
+                .expired
+                .fetch_add(total as u64, Ordering::Relaxed);
             tracing::info!(count = total, "removed expired messages (ttl_expiry)");
         }
         Ok(total)

@@ -52,7 +52,8 @@ impl EndpointReader {
                 let batch = match from_memory {
                     Ok(b) => b,
                     Err(until) => {
-                        let b = inner.read_queue(self.endpoint.id, prio as u8, cursor, until, max)?;
+                        let b =
+                            inner.read_queue(self.endpoint.id, prio as u8, cursor, until, max)?;
                         if b.is_empty() {
                             self.cursor[prio] = until;
                             continue;

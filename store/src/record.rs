@@ -211,10 +211,16 @@ mod tests {
         // only the body is indistinguishable from a shorter body.
         let header = raw.len() - 3;
         for cut in 0..header {
-            assert!(decode(Bytes::copy_from_slice(&raw[..cut])).is_err(), "cut {cut}");
+            assert!(
+                decode(Bytes::copy_from_slice(&raw[..cut])).is_err(),
+                "cut {cut}"
+            );
         }
         let mut bad = raw.clone();
         bad[0] = 9;
-        assert!(matches!(decode(Bytes::from(bad)), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            decode(Bytes::from(bad)),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }

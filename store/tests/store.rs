@@ -65,7 +65,13 @@ fn body_lives_until_every_endpoint_has_acknowledged() {
     // "one" is still held by the module's queue.
     let got = store.peek(&m, 10).unwrap();
     assert_eq!(bodies(&got), ["one"]);
-    assert_eq!(got[0].message.system(SystemProperty::ConnectionDeviceId).map(|v| &**v), Some("dev1"));
+    assert_eq!(
+        got[0]
+            .message
+            .system(SystemProperty::ConnectionDeviceId)
+            .map(|v| &**v),
+        Some("dev1")
+    );
     store.ack(&m, &got).unwrap();
     assert_eq!(store.live_bytes(), 0, "all bodies and entries released");
     // Acknowledging again is harmless and does not double-count.
@@ -92,7 +98,10 @@ fn everything_survives_reopen() {
     let up = store.endpoint("$upstream").unwrap();
     assert_eq!(up.checkpoint(10), first_seq + 1);
     assert_eq!(bodies(&store.peek(&up, 10).unwrap()), ["m2", "m3", "m4"]);
-    assert_eq!(store.get(Table::Retained, b"a/b").unwrap().as_deref(), Some(&b"retained"[..]));
+    assert_eq!(
+        store.get(Table::Retained, b"a/b").unwrap().as_deref(),
+        Some(&b"retained"[..])
+    );
     // Sequence numbers keep growing across restarts, even once all is acked.
     let got = store.peek(&up, 10).unwrap();
     store.ack(&up, &got).unwrap();
@@ -105,7 +114,11 @@ fn everything_survives_reopen() {
     assert_eq!(bodies(&store.peek(&up, 10).unwrap()), ["after"]);
     let rest = store.peek(&up, 10).unwrap();
     store.ack(&up, &rest).unwrap();
-    assert_eq!(store.live_bytes(), 0, "the byte count is durable and exact across reopens");
+    assert_eq!(
+        store.live_bytes(),
+        0,
+        "the byte count is durable and exact across reopens"
+    );
 }
 
 #[test]
@@ -118,7 +131,10 @@ fn reader_serves_strict_priority_then_sequence() {
     append(&store, "low2", vec![to(&ep, 10, 0)]).unwrap();
     append(&store, "high", vec![to(&ep, 0, 0)]).unwrap();
     let mut r = store.reader(ep.clone()).unwrap();
-    assert!(matches!(store.reader(ep.clone()), Err(StoreError::ReaderBusy(_))));
+    assert!(matches!(
+        store.reader(ep.clone()),
+        Err(StoreError::ReaderBusy(_))
+    ));
     let mut seen = Vec::new();
     loop {
         let b = r.try_next(10).unwrap();
@@ -144,12 +160,24 @@ fn reader_falls_back_to_disk_when_the_live_tail_overflows_and_after_restart() {
             append(&store, &format!("m{i}"), vec![to(&ep, 10, 0)]).unwrap();
         }
         let b = r.try_next(3).unwrap();
-        assert_eq!(bodies(&b), ["m0", "m1", "m2"], "read from disk: the tail overflowed");
+        assert_eq!(
+            bodies(&b),
+            ["m0", "m1", "m2"],
+            "read from disk: the tail overflowed"
+        );
         r.ack(&b).unwrap();
         let b = r.try_next(100).unwrap();
-        assert_eq!(bodies(&b), ["m3", "m4", "m5"], "disk up to where the tail is complete");
+        assert_eq!(
+            bodies(&b),
+            ["m3", "m4", "m5"],
+            "disk up to where the tail is complete"
+        );
         let b2 = r.try_next(100).unwrap();
-        assert_eq!(bodies(&b2), ["m6", "m7", "m8", "m9"], "then the in-memory tail");
+        assert_eq!(
+            bodies(&b2),
+            ["m6", "m7", "m8", "m9"],
+            "then the in-memory tail"
+        );
         r.ack(&b2).unwrap(); // m3..m5 taken but never acknowledged
     }
     let store = Store::open(cfg).unwrap();
@@ -168,18 +196,38 @@ fn expired_messages_are_never_delivered_and_are_swept() {
     let store = Store::open(cfg).unwrap();
     let a = store.endpoint("a").unwrap();
     let b = store.endpoint("b").unwrap();
-    append(&store, "short", vec![to(&a, 10, 1_001_000), to(&b, 10, 1_005_000)]).unwrap();
+    append(
+        &store,
+        "short",
+        vec![to(&a, 10, 1_001_000), to(&b, 10, 1_005_000)],
+    )
+    .unwrap();
     append(&store, "forever", vec![to(&a, 10, 0)]).unwrap();
     clock.set(1_002_000);
     // The reader skips (and removes) what expired, even before a sweep.
     let mut r = store.reader(a.clone()).unwrap();
     assert_eq!(bodies(&r.try_next(10).unwrap()), ["forever"]);
-    assert_eq!(store.stats().expired.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        store
+            .stats()
+            .expired
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     assert_eq!(bodies(&store.peek(&b, 10).unwrap()), ["short"]);
     clock.set(1_005_000);
-    assert!(store.peek(&b, 10).unwrap().is_empty(), "peek hides expired entries");
+    assert!(
+        store.peek(&b, 10).unwrap().is_empty(),
+        "peek hides expired entries"
+    );
     assert_eq!(store.sweep_expired().unwrap(), 1);
-    assert_eq!(store.stats().expired.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        store
+            .stats()
+            .expired
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     assert_eq!(store.sweep_expired().unwrap(), 0);
     let forever = store.peek(&a, 10).unwrap();
     store.ack(&a, &forever).unwrap();
@@ -203,7 +251,11 @@ fn budget_refuses_new_messages_and_recovers_after_draining() {
     };
     assert!(err.is_quota(), "{err}");
     assert!(err.to_string().contains("--store-max-bytes"));
-    assert!(accepted >= 2 && store.live_bytes() <= 2_000, "{accepted} {}", store.live_bytes());
+    assert!(
+        accepted >= 2 && store.live_bytes() <= 2_000,
+        "{accepted} {}",
+        store.live_bytes()
+    );
     // Nothing stored was harmed by the refusal.
     assert_eq!(store.peek(&ep, 100).unwrap().len(), accepted);
     let got = store.peek(&ep, 100).unwrap();
@@ -250,7 +302,10 @@ async fn concurrent_appends_are_group_committed_in_order() {
         reader.ack(&b).unwrap();
         got.extend(b.iter().map(|e| e.seq));
     }
-    assert_eq!(got, all, "reader sees every message once, in sequence order");
+    assert_eq!(
+        got, all,
+        "reader sees every message once, in sequence order"
+    );
 }
 
 /// Random appends, acknowledgements, expiry and reopens against a model.
@@ -260,8 +315,15 @@ mod model {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Append { targets: Vec<(usize, u8, Option<u64>)>, len: usize },
-        Ack { ep: usize, n: usize, skip: usize },
+        Append {
+            targets: Vec<(usize, u8, Option<u64>)>,
+            len: usize,
+        },
+        Ack {
+            ep: usize,
+            n: usize,
+            skip: usize,
+        },
         Advance(u64),
         Reopen,
     }

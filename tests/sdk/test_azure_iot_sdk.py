@@ -51,6 +51,15 @@ def test_device_sends_telemetry_through_the_gateway(gateway):
         client.shutdown()
     log = gateway.log()
     assert "client connected" in log and "client=sdk-dev" in log
+    # Acknowledged means stored: all three wait in the $upstream outbox with
+    # the SDK's properties and the identity the gateway authenticated.
+    out = gateway.outbox()
+    assert [json.loads(base64.b64decode(m["body"])) for m in out] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    for m in out:
+        assert m["properties"] == {"kind": "test"}
+        assert m["system_properties"]["connectionDeviceId"] == "sdk-dev"
+        assert m["system_properties"]["contentType"] == "application/json"
+        assert m["system_properties"]["contentEncoding"] == "utf-8"
 
 
 def test_module_sends_to_an_output(gateway):
@@ -62,6 +71,12 @@ def test_module_sends_to_an_output(gateway):
         client.send_message_to_output(Message("reading"), "out1")
     finally:
         client.shutdown()
+    # The default route FROM /messages/* takes module outputs too.
+    out = gateway.outbox()
+    assert [base64.b64decode(m["body"]) for m in out] == [b"reading"]
+    sp = out[0]["system_properties"]
+    assert sp["connectionDeviceId"] == "sdk-dev" and sp["connectionModuleId"] == "sdk-mod"
+    assert sp["outputName"] == "out1"
 
 
 def test_wrong_key_is_refused(gateway):
