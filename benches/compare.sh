@@ -5,7 +5,8 @@
 #   default 10 s; QOS_LIST (default "0 1") and DEVICES_LIST (default "100 1000")
 #   choose the scenarios, e.g. QOS_LIST=1 DEVICES_LIST=1000 benches/compare.sh 10 --rate 16
 # Installs mosquitto with apt-get when missing. Both brokers keep messages in
-# memory here: edgehub's durable store (fsync / os-buffered) is issue 5.
+# memory here (anonymous clients on generic topics are not stored); the
+# persisted IoT Hub telemetry path is measured by benches/store_load.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"

@@ -564,7 +564,11 @@ impl Connection {
                 .get(&packet_id)
                 .is_some_and(|o| o.state == expected)
         {
-            st.inflight.remove(&packet_id);
+            if let Some(o) = st.inflight.remove(&packet_id) {
+                if let Some(d) = &o.delivery.message.delivered {
+                    d.set();
+                }
+            }
             self.broker
                 .stats
                 .messages_sent
@@ -765,6 +769,7 @@ impl Connection {
             properties,
             expires_at: expiry.map(|s| Instant::now() + Duration::from_secs(s as u64)),
             origin: Some(self.client_id.clone()),
+            delivered: None,
         });
         let queued = self.broker.publish(msg);
         let code = if queued == 0 && v5 {
@@ -1038,6 +1043,9 @@ impl Connection {
             match self.encode_delivery(&d, packet_id, false) {
                 Ok(()) => {
                     if d.qos == QoS::AtMostOnce {
+                        if let Some(done) = &d.message.delivered {
+                            done.set();
+                        }
                         self.broker
                             .stats
                             .messages_sent

@@ -14,6 +14,7 @@
 //! - [`auth`]: the authentication/authorization seam the IoT Hub layer plugs into.
 //! - [`iothub`]: IoT Hub identities, SAS authentication, per-identity topic authorization.
 //! - [`pipeline`]: IoT Hub telemetry → routes → store; PUBACK once durable.
+//! - [`endpoints`]: executors delivering stored messages to module inputs.
 //! - [`management`]: the HTTP management API (outbox, metrics, health).
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
 //!
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
+pub mod endpoints;
 pub mod iothub;
 pub mod management;
 pub mod pipeline;

@@ -70,15 +70,16 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-fn authorized(m: &Management, headers: &HeaderMap) -> Result<(), Response> {
+/// `None` when the bearer token is right, else the 401 to send.
+fn unauthorized(m: &Management, headers: &HeaderMap) -> Option<Response> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), m.token.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "wrong management token")),
-        None => Err(error(
+        Some(t) if constant_time_eq(t.as_bytes(), m.token.as_bytes()) => None,
+        Some(_) => Some(error(StatusCode::UNAUTHORIZED, "wrong management token")),
+        None => Some(error(
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <management token>",
         )),
@@ -127,7 +128,7 @@ async fn outbox(
     headers: HeaderMap,
     Query(q): Query<OutboxQuery>,
 ) -> Response {
-    if let Err(r) = authorized(&m, &headers) {
+    if let Some(r) = unauthorized(&m, &headers) {
         return r;
     }
     let name = q.endpoint.as_deref().unwrap_or("$upstream");
@@ -183,7 +184,7 @@ async fn outbox_ack(
     Query(q): Query<OutboxQuery>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = authorized(&m, &headers) {
+    if let Some(r) = unauthorized(&m, &headers) {
         return r;
     }
     let ack: AckBody = match serde_json::from_slice(&body) {

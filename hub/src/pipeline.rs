@@ -43,7 +43,13 @@ pub struct Pipeline {
     /// unique across restarts without a stored counter.
     boot: u64,
     next_id: AtomicU64,
+    /// Endpoints seen for the first time, for whoever starts executors.
+    new_endpoints: tokio::sync::mpsc::UnboundedSender<NewEndpoint>,
+    new_endpoints_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<NewEndpoint>>>,
 }
+
+/// An endpoint a route used for the first time, with its store queue.
+pub type NewEndpoint = (Endpoint, Arc<EndpointHandle>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesFileError {
@@ -102,7 +108,10 @@ pub fn load_routes(path: Option<&Path>) -> Result<RouteTable, RoutesFileError> {
 
 impl Pipeline {
     pub fn new(store: Store, routes: RouteTable) -> Pipeline {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         Pipeline {
+            new_endpoints: tx,
+            new_endpoints_rx: parking_lot::Mutex::new(Some(rx)),
             store,
             routes: SharedRouteTable::new(routes),
             endpoints: DashMap::new(),
@@ -126,8 +135,15 @@ impl Pipeline {
             return Ok(h.clone());
         }
         let h = self.store.endpoint(&endpoint.to_string())?;
-        self.endpoints.insert(endpoint.clone(), h.clone());
+        if self.endpoints.insert(endpoint.clone(), h.clone()).is_none() {
+            let _ = self.new_endpoints.send((endpoint.clone(), h.clone()));
+        }
         Ok(h)
+    }
+
+    /// Endpoints as they are first used (once; `None` after the first call).
+    pub fn take_new_endpoints(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<NewEndpoint>> {
+        self.new_endpoints_rx.lock().take()
     }
 
     /// Routes `msg` and submits it for storage. `Ok(None)`: no route took

@@ -46,12 +46,37 @@ pub enum ServerError {
 
 pub struct Server {
     broker: Arc<Broker>,
+    registry: Option<Arc<crate::iothub::Registry>>,
     pipeline: Arc<Pipeline>,
     management: Option<TcpListener>,
     management_token: String,
     mqtt: Option<TcpListener>,
     mqtts: Option<(TcpListener, TlsAcceptor)>,
     shutdown: watch::Sender<bool>,
+}
+
+/// Retained messages in the store's `retained` table (unsynced writes: a
+/// retained update survives a crash of edgehub, not a power cut).
+struct StoreRetained(edgehub_store::Store);
+
+impl crate::broker::RetainedStore for StoreRetained {
+    fn save(&self, topic: &str, record: &[u8]) {
+        if let Err(e) =
+            self.0
+                .put_buffered(edgehub_store::Table::Retained, topic.as_bytes(), record)
+        {
+            warn!(topic, error = %e, "retained message not persisted");
+        }
+    }
+
+    fn remove(&self, topic: &str) {
+        if let Err(e) = self
+            .0
+            .delete_buffered(edgehub_store::Table::Retained, topic.as_bytes())
+        {
+            warn!(topic, error = %e, "retained message removal not persisted");
+        }
+    }
 }
 
 /// Counts live connection tasks so shutdown can wait for them.
@@ -129,9 +154,18 @@ impl Server {
             stored_bytes = store.live_bytes(),
             "store open"
         );
+        let retained = store
+            .scan(edgehub_store::Table::Retained)
+            .map_err(|source| ServerError::Store {
+                path: config.data_dir.join("store"),
+                source,
+            })?;
+        let retained_store = Arc::new(StoreRetained(store.clone()));
         let pipeline = Arc::new(Pipeline::new(store, routes));
+        let mut registry_for_endpoints = None;
         let broker = if let Some(path) = &config.identities {
             let registry = Arc::new(crate::iothub::Registry::load(path)?);
+            registry_for_endpoints = Some(registry.clone());
             info!(devices = registry.len(), "loaded IoT Hub identities");
             if config.allow_anonymous {
                 warn!("--allow-anonymous: clients without credentials may use generic topics");
@@ -152,8 +186,20 @@ impl Server {
             let d = Arc::new(DenyAll);
             Broker::new(Limits::from_config(config), d.clone(), d)
         };
+        let retained: Vec<(String, Vec<u8>)> = retained
+            .into_iter()
+            .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
+            .collect();
+        broker.persist_retained(retained_store, retained);
+        if broker.retained_count() > 0 {
+            info!(
+                count = broker.retained_count(),
+                "retained messages restored"
+            );
+        }
         Ok(Server {
             broker,
+            registry: registry_for_endpoints,
             pipeline,
             management: Some(management),
             management_token,
@@ -200,6 +246,15 @@ impl Server {
                 }
             }));
         }
+        if let Some(rx) = self.pipeline.take_new_endpoints() {
+            accept_tasks.push(tokio::spawn(supervise_endpoints(
+                self.broker.clone(),
+                self.pipeline.clone(),
+                self.registry.clone(),
+                rx,
+                self.shutdown.subscribe(),
+            )));
+        }
         if let Some(l) = self.mqtt.take() {
             accept_tasks.push(tokio::spawn(accept_loop(
                 l,
@@ -243,6 +298,52 @@ impl Server {
                 open = tracker.live.load(Ordering::Acquire),
                 "connections still open after 5 s; exiting anyway"
             );
+        }
+    }
+}
+
+/// Starts an executor for every module endpoint: those already in the store
+/// (a backlog from before a restart) and each new one as routes first use it.
+async fn supervise_endpoints(
+    broker: Arc<Broker>,
+    pipeline: Arc<Pipeline>,
+    registry: Option<Arc<crate::iothub::Registry>>,
+    mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
+    shutdown: watch::Receiver<bool>,
+) {
+    use edgehub_router::Endpoint;
+    let start = |ep: Endpoint, handle: Arc<edgehub_store::EndpointHandle>| {
+        let Endpoint::ModuleInput { module, input } = ep else {
+            return;
+        };
+        match registry.as_ref().and_then(|r| r.module_owner(&module)) {
+            Some((device, module)) => {
+                tokio::spawn(crate::endpoints::run_module_endpoint(
+                    broker.clone(),
+                    pipeline.store().clone(),
+                    handle,
+                    device,
+                    module,
+                    input.to_string(),
+                    shutdown.clone(),
+                ));
+            }
+            None => warn!(
+                endpoint = handle.name(),
+                "no registered identity has module {module:?}: its messages stay stored until it exists or they expire"
+            ),
+        }
+    };
+    for handle in pipeline.store().endpoints() {
+        if let Some(ep) = crate::endpoints::parse_endpoint_name(handle.name()) {
+            // Announced through `new` like any endpoint seen for the first time.
+            let _ = pipeline.endpoint(&ep);
+        }
+    }
+    let mut started: std::collections::HashSet<String> = Default::default();
+    while let Some((ep, handle)) = new.recv().await {
+        if started.insert(handle.name().to_owned()) {
+            start(ep, handle);
         }
     }
 }

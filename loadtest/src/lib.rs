@@ -12,6 +12,8 @@
 //! first 8 payload bytes) so subscribers in the same process can measure
 //! publish→delivery latency on one clock.
 
+pub mod iothub;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +106,10 @@ pub struct LoadConfig {
     pub client_prefix: String,
     pub mqtt5: bool,
     pub connect_timeout: Duration,
+    /// IoT Hub mode: device `i` is `identities[i]` (SAS token, IoT Hub
+    /// username and telemetry topic). Empty: generic MQTT.
+    #[serde(skip)]
+    pub identities: Vec<iothub::DeviceIdentity>,
 }
 
 impl LoadConfig {
@@ -125,6 +131,7 @@ impl LoadConfig {
             client_prefix: "loadtest".into(),
             mqtt5: false,
             connect_timeout: Duration::from_secs(10),
+            identities: Vec::new(),
         }
     }
 }
@@ -232,6 +239,8 @@ pub enum LoadError {
     Ca { path: PathBuf, detail: String },
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Config(String),
 }
 
 fn tls_connector(ca: &Option<PathBuf>) -> Result<tokio_rustls::TlsConnector, LoadError> {
@@ -270,7 +279,11 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(sh: &Shared, client_id: &str) -> Result<Conn, String> {
+    async fn open(
+        sh: &Shared,
+        client_id: &str,
+        identity: Option<&iothub::DeviceIdentity>,
+    ) -> Result<Conn, String> {
         let cfg = &sh.cfg;
         let addr = format!("{}:{}", cfg.target.host, cfg.target.port);
         let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
@@ -308,8 +321,8 @@ impl Conn {
             properties: Props::default(),
             client_id: Str::from(client_id),
             will: None,
-            username: None,
-            password: None,
+            username: identity.map(|i| Str::from(i.username())),
+            password: identity.map(|i| Bytes::from(i.sas_token(3600))),
         })));
         c.flush()
             .await
@@ -373,8 +386,12 @@ async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
         return;
     }
     let cfg = &sh.cfg;
-    let client_id = format!("{}-{i}", cfg.client_prefix);
-    let mut c = match Conn::open(&sh, &client_id).await {
+    let identity = cfg.identities.get(i);
+    let client_id = match identity {
+        Some(id) => id.device_id.clone(),
+        None => format!("{}-{i}", cfg.client_prefix),
+    };
+    let mut c = match Conn::open(&sh, &client_id, identity).await {
         Ok(c) => c,
         Err(e) => {
             sh.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -383,7 +400,10 @@ async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
         }
     };
     sh.counters.connected.fetch_add(1, Ordering::Relaxed);
-    let topic = Str::from(format!("{}/{}", cfg.topic_prefix, client_id));
+    let topic = Str::from(match identity {
+        Some(id) => id.topic(),
+        None => format!("{}/{}", cfg.topic_prefix, client_id),
+    });
     let qos = if cfg.qos == 0 {
         QoS::AtMostOnce
     } else {
@@ -547,7 +567,7 @@ async fn subscriber(
     mut stop: watch::Receiver<bool>,
 ) {
     let cfg = &sh.cfg;
-    let mut c = match Conn::open(&sh, &format!("{}-sub-{i}", cfg.client_prefix)).await {
+    let mut c = match Conn::open(&sh, &format!("{}-sub-{i}", cfg.client_prefix), None).await {
         Ok(c) => c,
         Err(e) => {
             sh.error(format!("subscriber: {e}"));
@@ -612,6 +632,21 @@ pub async fn run(
     interrupt: impl std::future::Future<Output = ()>,
     progress: impl Fn(Progress) + Send + 'static,
 ) -> Result<Report, LoadError> {
+    if !cfg.identities.is_empty() {
+        if cfg.identities.len() < cfg.devices {
+            return Err(LoadError::Config(format!(
+                "{} devices but only {} connection strings: each device needs its own identity",
+                cfg.devices,
+                cfg.identities.len()
+            )));
+        }
+        if cfg.subscribers > 0 {
+            return Err(LoadError::Config(
+                "subscribers need generic topics; IoT Hub mode has none (use the hub's outbox)"
+                    .into(),
+            ));
+        }
+    }
     let tls = if cfg.target.tls {
         Some(tls_connector(&cfg.ca)?)
     } else {

@@ -58,6 +58,12 @@ struct Args {
     /// Write the full report(s) as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// IoT Hub mode: a file of device connection strings, one per line
+    /// (HostName=…;DeviceId=…;SharedAccessKey=…[;GatewayHostName=…]). Device i
+    /// connects as line i with a SAS token and publishes telemetry on
+    /// devices/{id}/messages/events/, which edgehub routes and stores.
+    #[arg(long)]
+    connection_strings: Option<PathBuf>,
 }
 
 fn config(a: &Args, target: Target) -> LoadConfig {
@@ -77,6 +83,16 @@ fn config(a: &Args, target: Target) -> LoadConfig {
     c.client_prefix = a.client_prefix.clone();
     c.mqtt5 = a.mqtt5;
     c
+}
+
+fn identities(a: &Args) -> anyhow::Result<Vec<edgehub_loadtest::iothub::DeviceIdentity>> {
+    let Some(path) = &a.connection_strings else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading connection strings {}", path.display()))?;
+    edgehub_loadtest::iothub::read_connection_strings(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 async fn one(cfg: LoadConfig) -> anyhow::Result<Report> {
@@ -123,10 +139,16 @@ async fn one(cfg: LoadConfig) -> anyhow::Result<Report> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let first = one(config(&a, a.target.clone())).await?;
+    let ids = identities(&a)?;
+    let with_ids = |t: Target| {
+        let mut c = config(&a, t);
+        c.identities = ids.clone();
+        c
+    };
+    let first = one(with_ids(a.target.clone())).await?;
     let mut reports = vec![first];
     if let Some(t) = &a.compare {
-        reports.push(one(config(&a, t.clone())).await?);
+        reports.push(one(with_ids(t.clone())).await?);
     }
     let refs: Vec<&Report> = reports.iter().collect();
     print!("{}", summary(&refs));

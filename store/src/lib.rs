@@ -160,6 +160,9 @@ impl StoreError {
     }
 }
 
+/// One entry of a [`Table`].
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Small keyed tables that live beside the message log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {
@@ -587,6 +590,22 @@ impl Store {
         Ok(())
     }
 
+    /// Like [`Store::put`] but without waiting for a sync, whatever the
+    /// durability: survives a crash of the process, not a power cut. For
+    /// updates made on a hot path under a lock (retained messages).
+    pub fn put_buffered(&self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner.db.put_cf(inner.cf(table.cf()), key, value)?;
+        Ok(())
+    }
+
+    /// Like [`Store::delete`], without waiting for a sync.
+    pub fn delete_buffered(&self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner.db.delete_cf(inner.cf(table.cf()), key)?;
+        Ok(())
+    }
+
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.inner.db.get_cf(self.inner.cf(table.cf()), key)?)
     }
@@ -600,7 +619,7 @@ impl Store {
     }
 
     /// Every entry of `table`, in key order.
-    pub fn scan(&self, table: Table) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, table: Table) -> Result<Vec<KeyValue>, StoreError> {
         let inner = &self.inner;
         inner
             .db

@@ -91,6 +91,11 @@ impl EndpointReader {
         }
     }
 
+    /// These expired before they could be delivered: remove and count them.
+    pub fn expire(&self, entries: &[Entry]) -> Result<usize, StoreError> {
+        self.store.inner().expire_entries(self.endpoint.id, entries)
+    }
+
     /// The destination has these: remove them and advance the checkpoints.
     pub fn ack(&self, entries: &[Entry]) -> Result<usize, StoreError> {
         self.store.ack(&self.endpoint, entries)

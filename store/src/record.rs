@@ -15,6 +15,9 @@ use crate::StoreError;
 
 const VERSION: u8 = 1;
 
+/// (endpoint id, priority) of every queue a message was put in.
+pub(crate) type Targets = Arc<[(u32, u8)]>;
+
 /// Serialises `msg` for the given targets.
 pub(crate) fn encode(msg: &Message, targets: &[(u32, u8)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(msg.body.len() + 64 + 32 * msg.properties.len());
@@ -50,7 +53,7 @@ pub(crate) fn encode(msg: &Message, targets: &[(u32, u8)]) -> Vec<u8> {
 }
 
 /// Reads a record back; the body is a view of `raw`, not a copy.
-pub(crate) fn decode(raw: Bytes) -> Result<(Message, Arc<[(u32, u8)]>), StoreError> {
+pub(crate) fn decode(raw: Bytes) -> Result<(Message, Targets), StoreError> {
     let mut r = Reader { buf: &raw, pos: 0 };
     if r.byte()? != VERSION {
         return Err(StoreError::Corrupt("unknown record version".into()));
@@ -85,7 +88,7 @@ pub(crate) fn decode(raw: Bytes) -> Result<(Message, Arc<[(u32, u8)]>), StoreErr
 }
 
 /// Only the targets, for deciding whether a body is still referenced.
-pub(crate) fn targets(raw: &[u8]) -> Result<Arc<[(u32, u8)]>, StoreError> {
+pub(crate) fn targets(raw: &[u8]) -> Result<Targets, StoreError> {
     let mut r = Reader { buf: raw, pos: 0 };
     if r.byte()? != VERSION {
         return Err(StoreError::Corrupt("unknown record version".into()));
@@ -158,7 +161,7 @@ impl<'a> Reader<'a> {
             .map_err(|_| StoreError::Corrupt("string is not UTF-8".into()))
     }
 
-    fn targets(&mut self) -> Result<Arc<[(u32, u8)]>, StoreError> {
+    fn targets(&mut self) -> Result<Targets, StoreError> {
         let n = self.len()?;
         let mut t = Vec::with_capacity(n);
         for _ in 0..n {

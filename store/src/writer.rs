@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::{Append, Inner, StoreError};
@@ -20,8 +19,9 @@ struct Request {
 }
 
 pub(crate) struct Writer {
-    tx: Mutex<Option<mpsc::Sender<Request>>>,
-    join: Mutex<Option<JoinHandle<()>>>,
+    // No lock around the sender: every connection submits through it.
+    tx: Option<mpsc::Sender<Request>>,
+    join: Option<JoinHandle<()>>,
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -34,8 +34,8 @@ impl Writer {
             .spawn(move || run(inner, rx))
             .expect("spawn store writer thread");
         Writer {
-            tx: Mutex::new(Some(tx)),
-            join: Mutex::new(Some(join)),
+            tx: Some(tx),
+            join: Some(join),
         }
     }
 
@@ -44,8 +44,8 @@ impl Writer {
         append: Append,
     ) -> Result<oneshot::Receiver<Result<u64, StoreError>>, StoreError> {
         let (done, rx) = oneshot::channel();
-        let tx = self.tx.lock();
-        tx.as_ref()
+        self.tx
+            .as_ref()
             .ok_or(StoreError::Closed)?
             .send(Request { append, done })
             .map_err(|_| StoreError::Closed)?;
@@ -55,8 +55,8 @@ impl Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        self.tx.lock().take();
-        if let Some(j) = self.join.lock().take() {
+        self.tx.take();
+        if let Some(j) = self.join.take() {
             let _ = j.join();
         }
     }

@@ -286,3 +286,79 @@ def test_disk_budget_refuses_then_recovers_after_draining(start_hub, tmp_path):
     assert d5.acked[info.mid] == 0
     assert bodies(hub.outbox()) == [b"after drain"]
     d5.stop()
+
+
+MOD_KEY = base64.b64encode(b"module-filter-key-0123456789abcd").decode()
+
+
+def test_module_input_endpoint_delivers_in_order_after_the_module_subscribes(start_hub, tmp_path):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps({"devices": [
+        {"deviceId": "dev1", "primaryKey": DEV_KEY,
+         "modules": [{"moduleId": "filter", "primaryKey": MOD_KEY}]}]}))
+    endpoint = 'BrokeredEndpoint("/modules/filter/inputs/in1")'
+    routes = routes_file(tmp_path, {
+        "toFilter": f"FROM /messages/* WHERE NOT is_defined($connectionModuleId) INTO {endpoint}"})
+    hub = start_hub("--identities", str(ids), "--routes", routes, allow_anonymous=False, name="m")
+    d = Device(hub, "dev1")
+    for i in range(30):
+        d.send(f"r{i}".encode(), f"seq={i}")
+    wait_for(lambda: len(d.acknowledged()) == 30, what="30 PUBACKs")
+    # No module yet: everything waits in the endpoint's queue.
+    assert len(hub.outbox(endpoint=endpoint)) == 30
+
+    got = []
+    subscribed = threading.Event()
+    mod = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev1/filter",
+                      protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    mod.username_pw_set(f"{GATEWAY}/dev1/filter/?api-version=2021-04-12",
+                        sas(f"{GATEWAY}/devices/dev1/modules/filter", MOD_KEY))
+    mod.tls_set(ca_certs=str(hub.ca))
+    mod.on_message = lambda c, u, m: got.append(m)
+    mod.on_subscribe = lambda *a: subscribed.set()
+    mod.connect("localhost", hub.port("tls"), 30)
+    mod.loop_start()
+    mod.subscribe("devices/dev1/modules/filter/#", 1)
+    assert subscribed.wait(5)
+    wait_for(lambda: len(got) >= 30, what="30 deliveries to the module")
+    assert [m.payload for m in got[:30]] == [f"r{i}".encode() for i in range(30)], "in order"
+    first = got[0]
+    assert first.topic.startswith("devices/dev1/modules/filter/inputs/in1/")
+    bag = dict(kv.split("=", 1) for kv in first.topic.rsplit("/", 1)[1].split("&"))
+    assert bag["seq"] == "0" and bag["%24.cdid"] == "dev1"
+    assert first.qos == 1
+    # Acknowledged by the module (paho PUBACKs): gone from the store.
+    wait_for(lambda: hub.outbox(endpoint=endpoint) == [], what="the queue to empty")
+    # Live messages go straight through too.
+    d.send(b"live")
+    wait_for(lambda: any(m.payload == b"live" for m in got), what="a live delivery")
+    mod.disconnect()
+    mod.loop_stop()
+    d.stop()
+
+
+def test_retained_messages_survive_kill_9_with_their_properties(start_hub):
+    from conftest import Client, props
+    from paho.mqtt.packettypes import PacketTypes
+    hub = start_hub(name="r")
+    c = Client(hub, "retainer", version=5)
+    c.connect()
+    c.publish("plant/line1/state", b"running", qos=1, retain=True,
+              properties=props(PacketTypes.PUBLISH, ContentType="text/plain",
+                               UserProperty=[("site", "north")]))
+    c.publish("plant/line2/state", b"stopped", qos=1, retain=True)
+    c.publish("plant/line2/state", b"", qos=1, retain=True)  # cleared
+    c.disconnect()
+    hub.proc.send_signal(signal.SIGKILL)
+    hub.proc.wait(10)
+    hub.stop()
+    hub = start_hub(name="r")
+    s = Client(hub, "reader", version=5)
+    s.connect()
+    s.subscribe("plant/#", 1)
+    m = s.get()
+    assert (m.topic, m.payload, m.retain) == ("plant/line1/state", b"running", True)
+    assert m.properties.ContentType == "text/plain"
+    assert m.properties.UserProperty == [("site", "north")]
+    s.assert_no_message()
+    s.disconnect()

@@ -26,6 +26,65 @@ use crate::auth::{Authenticator, Authorizer};
 use session::{Delivery, Message, PendingWill, Session};
 use subscriptions::{SubEntry, SubscriptionTree};
 
+/// Where retained messages are kept across restarts (the hub's store). Called
+/// under the retained table's lock, so updates reach it in order; it must be
+/// quick (no fsync wait).
+pub trait RetainedStore: Send + Sync + 'static {
+    fn save(&self, topic: &str, record: &[u8]);
+    fn remove(&self, topic: &str);
+}
+
+/// A retained message as stored: its absolute expiry (unix seconds, 0 =
+/// none) and the message as an MQTT 5 PUBLISH, so every property survives.
+pub fn retained_record(msg: &Message) -> Vec<u8> {
+    let now = Instant::now();
+    let expiry = msg.expires_at.map_or(0, |t| {
+        unix_now() + t.saturating_duration_since(now).as_secs().max(1)
+    });
+    let mut out = bytes::BytesMut::with_capacity(msg.payload.len() + msg.topic.len() + 32);
+    out.extend_from_slice(&expiry.to_be_bytes());
+    let p = edgehub_codec::Packet::Publish(edgehub_codec::Publish {
+        dup: false,
+        qos: msg.qos,
+        retain: true,
+        topic: msg.topic.clone(),
+        packet_id: if msg.qos == QoS::AtMostOnce { 0 } else { 1 },
+        properties: msg.properties.clone(),
+        payload: msg.payload.clone(),
+    });
+    let _ = edgehub_codec::encode(&p, Protocol::V5, &mut out, usize::MAX);
+    out.to_vec()
+}
+
+/// The inverse of [`retained_record`]; `None` when unreadable or expired.
+pub fn parse_retained_record(raw: &[u8]) -> Option<Message> {
+    let expiry = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+    let now = unix_now();
+    if expiry != 0 && expiry <= now {
+        return None;
+    }
+    let mut buf = bytes::BytesMut::from(&raw[8..]);
+    match edgehub_codec::decode(&mut buf, Protocol::V5, usize::MAX) {
+        Ok(Some(edgehub_codec::Packet::Publish(p))) => Some(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: true,
+            properties: p.properties,
+            expires_at: (expiry != 0).then(|| Instant::now() + Duration::from_secs(expiry - now)),
+            origin: None,
+            delivered: None,
+        }),
+        _ => None,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Per-connection and per-session bounds, from the configuration.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -96,6 +155,7 @@ pub struct Broker {
     /// Serialises changes to `subscriptions` (clone, change, swap).
     subscriptions_writer: Mutex<()>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
+    retained_store: std::sync::OnceLock<Arc<dyn RetainedStore>>,
 }
 
 impl Broker {
@@ -113,7 +173,28 @@ impl Broker {
             subscriptions: ArcSwap::from_pointee(SubscriptionTree::default()),
             subscriptions_writer: Mutex::new(()),
             retained: RwLock::new(HashMap::new()),
+            retained_store: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps retained messages in `store` from now on, starting with
+    /// `saved` (what it held at startup; unreadable or expired ones are
+    /// removed from it).
+    pub fn persist_retained(&self, store: Arc<dyn RetainedStore>, saved: Vec<(String, Vec<u8>)>) {
+        let mut r = self.retained.write();
+        for (topic, raw) in saved {
+            match parse_retained_record(&raw) {
+                Some(m) => {
+                    r.insert(topic, Arc::new(m));
+                }
+                None => store.remove(&topic),
+            }
+        }
+        let _ = self.retained_store.set(store);
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().len()
     }
 
     pub fn session_count(&self) -> usize {
@@ -326,6 +407,7 @@ impl Broker {
             properties,
             expires_at: expiry.map(|s| Instant::now() + Duration::from_secs(s as u64)),
             origin: Some(w.principal.name.clone()),
+            delivered: None,
         };
         self.publish(Arc::new(msg));
     }
@@ -337,10 +419,18 @@ impl Broker {
         self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
         if msg.retain {
             let mut r = self.retained.write();
+            let store = self.retained_store.get();
             if msg.payload.is_empty() {
-                r.remove(msg.topic.as_str());
+                if r.remove(msg.topic.as_str()).is_some() {
+                    if let Some(s) = store {
+                        s.remove(&msg.topic);
+                    }
+                }
             } else {
                 r.insert(msg.topic.to_string(), msg.clone());
+                if let Some(s) = store {
+                    s.save(&msg.topic, &retained_record(&msg));
+                }
             }
         }
         self.route(&msg)

@@ -30,6 +30,36 @@ pub struct Message {
     pub expires_at: Option<Instant>,
     /// Client id of the publishing session, for no-local.
     pub origin: Option<Arc<str>>,
+    /// Set when a subscriber has it (PUBACK/PUBCOMP, or written for QoS 0):
+    /// how an endpoint executor learns its message reached the module.
+    pub delivered: Option<Arc<Delivered>>,
+}
+
+/// A one-shot "the destination has it" flag; setting it wakes the endpoint
+/// executor that owns the waker.
+#[derive(Debug)]
+pub struct Delivered {
+    done: AtomicBool,
+    waker: Arc<Notify>,
+}
+
+impl Delivered {
+    pub fn new(waker: Arc<Notify>) -> Delivered {
+        Delivered {
+            done: AtomicBool::new(false),
+            waker,
+        }
+    }
+
+    pub fn set(&self) {
+        if !self.done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.waker.notify_one();
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Message {

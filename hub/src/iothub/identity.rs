@@ -134,6 +134,25 @@ impl Registry {
         Ok(reg)
     }
 
+    /// The device a module named `module` belongs to, as (device id, module
+    /// id) spelled as registered. Routes name modules without a device
+    /// (`BrokeredEndpoint("/modules/m/inputs/i")`): they are the edge
+    /// device's; with several candidates the first device id in order wins.
+    pub fn module_owner(&self, module: &str) -> Option<(String, String)> {
+        let mut owners: Vec<(String, String)> = self
+            .devices
+            .values()
+            .filter_map(|d| {
+                d.modules
+                    .values()
+                    .find(|(id, _)| id.eq_ignore_ascii_case(module))
+                    .map(|(id, _)| (d.id.clone(), id.clone()))
+            })
+            .collect();
+        owners.sort();
+        owners.into_iter().next()
+    }
+
     pub fn device(&self, id: &str) -> Option<&Device> {
         self.devices.get(&id.to_lowercase())
     }

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Persisted QoS 1 telemetry through the whole hub: edgehub-loadtest in IoT Hub
+# mode (devices with SAS tokens on their telemetry topics, so every message is
+# routed and committed to RocksDB before its PUBACK) against edgehub with
+# --durability fsync and os-buffered, in the same session as
+#  - the raw sync rate of the same disk (examples/fsync_rate.rs), the physical
+#    limit of one-sync-per-message, and
+#  - mosquitto (QoS 1, generic topics, persistence off) as the reference broker.
+# Usage: benches/store_load.sh [seconds] [devices] [extra edgehub-loadtest args…]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"; devices="${2:-100}"
+shift 2 || shift $# || true
+if ! command -v mosquitto >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
+fi
+cargo build -q --release -p edgehub -p edgehub-loadtest -p edgehub-benches --example fsync_rate
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+work="$(mktemp -d -p "${BENCH_DIR:-$PWD}")"
+pid=""
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+python3 - "$work" "$devices" <<'PY'
+import base64, json, sys
+work, n = sys.argv[1], int(sys.argv[2])
+key = base64.b64encode(b"loadtest-device-key-0123456789ab").decode()
+devs = [f"lt-{i}" for i in range(n)]
+json.dump({"iothubHostname": "bench.azure-devices.net",
+           "devices": [{"deviceId": d, "primaryKey": key} for d in devs]}, open(f"{work}/ids.json", "w"))
+with open(f"{work}/cs.txt", "w") as f:
+    for d in devs:
+        f.write(f"HostName=bench.azure-devices.net;DeviceId={d};SharedAccessKey={key};GatewayHostName=localhost\n")
+PY
+
+echo "edgehub $(git rev-parse --short HEAD), $(nproc) cores, disk of $work, $(date -u +%Y-%m-%dT%H:%MZ)"
+"$target_dir/release/examples/fsync_rate" "$work" 2000
+
+start_hub() { # durability
+    rm -rf "$work/hub"
+    "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+        --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
+        --durability "$1" --log warn > "$work/hub.out" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
+}
+
+for durability in fsync os-buffered; do
+    start_hub "$durability"
+    echo
+    echo "== edgehub --durability $durability: QoS 1 telemetry, $devices devices, 256 B, TLS, ${secs}s $*"
+    "$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18883 --ca "$work/hub/ca.pem" \
+        --connection-strings "$work/cs.txt" --devices "$devices" --ramp 2000 --qos 1 --payload 256 \
+        --inflight 10 --duration "$secs" "$@"
+    stored=$(curl -s "http://$(awk '/listening management/ {print $3}' "$work/hub.out")/metrics" | awk '/^edgehub_messages_stored_total/ {print $2}')
+    echo "hub metrics: edgehub_messages_stored_total $stored"
+    kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+done
+
+chmod a+rx "$work" "$work/hub" "$work/hub/tls"
+chmod a+r "$work/hub/tls/server-key.pem" "$work/hub/tls/server-cert.pem"
+cat > "$work/mosquitto.conf" <<CONF
+listener 18884 127.0.0.1
+allow_anonymous true
+certfile $work/hub/tls/server-cert.pem
+keyfile $work/hub/tls/server-key.pem
+persistence false
+max_inflight_messages 32
+CONF
+mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+pid=$!
+sleep 0.5
+echo
+echo "== mosquitto (reference, in memory): QoS 1, $devices devices, 256 B, TLS, ${secs}s $*"
+"$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18884 --ca "$work/hub/ca.pem" \
+    --devices "$devices" --ramp 2000 --qos 1 --payload 256 --inflight 10 --duration "$secs" "$@"
