@@ -1,8 +1,8 @@
 //! edgehub: an IoT Edge hub.
 //!
-//! This crate holds the listeners, the MQTT protocol head and broker core, and
-//! (in later work) the IoT Hub protocol layer, endpoint executors, upstream
-//! link and management API.
+//! This crate holds the listeners, the MQTT protocol head and broker core, the
+//! IoT Hub layer's first slices, the path from telemetry to the store, module
+//! endpoint executors and the management API; later the upstream link.
 //!
 //! - [`config`]: command line and environment (`EDGEHUB_*`).
 //! - [`tls`]: server TLS config; the development CA generated into the data dir.

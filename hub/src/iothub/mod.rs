@@ -4,11 +4,10 @@
 //!
 //! Owns: who a connection is (device or module), which IoT Hub topics it
 //! may use, and turning its telemetry topics into the shared `Message`
-//! (`telemetry`; not wired into the publish path until routes and the store
-//! are). Must not touch: the wire (connection/codec) or message storage.
+//! (`telemetry`; the connection hands that to `pipeline`, which routes and
+//! stores it). Must not touch: the wire (connection/codec) or message storage.
 //! Not yet here (issue 3): identities in the store and the management API
-//! (they come from a JSON file for now), X.509, property bags, C2D, twins,
-//! methods.
+//! (they come from a JSON file for now), X.509, C2D, twins, methods.
 
 pub mod auth;
 pub mod identity;
