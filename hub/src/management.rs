@@ -9,6 +9,14 @@
 //! - `POST /api/outbox/ack?endpoint=$upstream` with
 //!   `{"messages": [{"seq": 1, "priority": 10}, …]}`: removes them.
 //!
+//! - `GET /api/identities`: every device with its keys and modules.
+//! - `PUT /api/identities/{deviceId}` with `{"primaryKey"?, "secondaryKey"?,
+//!   "modules": [{"moduleId", "primaryKey"?}]}` (keys generated when absent):
+//!   creates or replaces a device; answers with its connection strings.
+//! - `POST /api/identities` with `{"devices": [{"deviceId", …}, …]}`: the same
+//!   in bulk (load tests provision thousands at once).
+//! - `DELETE /api/identities/{deviceId}`.
+//!
 //! `/api/*` needs `Authorization: Bearer <token>`; the token is
 //! `--management-token`, else the one generated into `<data-dir>/management-token`.
 //!
@@ -19,20 +27,24 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::Broker;
+use crate::iothub::identity::{DeviceSpec, Identities, ModuleSpec, RegistryError};
 use crate::pipeline::Pipeline;
 
 pub struct Management {
     pub pipeline: Arc<Pipeline>,
     pub broker: Arc<Broker>,
+    pub identities: Arc<Identities>,
+    /// What devices put in `GatewayHostName` to reach us.
+    pub gateway_hostname: String,
     pub token: String,
 }
 
@@ -63,6 +75,11 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/outbox", get(outbox))
         .route("/api/outbox/ack", post(outbox_ack))
+        .route("/api/identities", get(list_identities).post(put_identities))
+        .route(
+            "/api/identities/{device}",
+            put(put_identity).delete(delete_identity),
+        )
         .with_state(m)
 }
 
@@ -215,6 +232,201 @@ async fn outbox_ack(
     match tokio::task::spawn_blocking(move || store.ack_seqs(&ep, &seqs)).await {
         Ok(Ok(n)) => Json(serde_json::json!({ "acknowledged": n })).into_response(),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DeviceRequest {
+    device_id: Option<String>,
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+    #[serde(default)]
+    modules: Vec<ModuleRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ModuleRequest {
+    module_id: String,
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BulkRequest {
+    devices: Vec<DeviceRequest>,
+}
+
+fn new_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn spec_from(device_id: String, r: DeviceRequest) -> DeviceSpec {
+    DeviceSpec {
+        device_id,
+        primary_key: r.primary_key.unwrap_or_else(new_key),
+        secondary_key: r.secondary_key,
+        modules: r
+            .modules
+            .into_iter()
+            .map(|m| ModuleSpec {
+                module_id: m.module_id,
+                primary_key: m.primary_key.unwrap_or_else(new_key),
+                secondary_key: m.secondary_key,
+            })
+            .collect(),
+    }
+}
+
+/// The device (or module) as the SDKs take it, pointed at this gateway.
+fn with_connection_strings(m: &Management, spec: &DeviceSpec) -> serde_json::Value {
+    let host = m
+        .identities
+        .registry()
+        .iothub_hostname
+        .clone()
+        .unwrap_or_else(|| m.gateway_hostname.clone());
+    let gw = &m.gateway_hostname;
+    let mut v = serde_json::to_value(spec).expect("spec serializes");
+    v["connectionString"] = format!(
+        "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
+        spec.device_id, spec.primary_key
+    )
+    .into();
+    if let Some(mods) = v["modules"].as_array_mut() {
+        for (mv, ms) in mods.iter_mut().zip(&spec.modules) {
+            mv["connectionString"] = format!(
+                "HostName={host};DeviceId={};ModuleId={};SharedAccessKey={};GatewayHostName={gw}",
+                spec.device_id, ms.module_id, ms.primary_key
+            )
+            .into();
+        }
+    }
+    v
+}
+
+fn registry_error(e: RegistryError) -> Response {
+    match e {
+        RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        RegistryError::Store(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn list_identities(State(m): State<Arc<Management>>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&m, &headers) {
+        return r;
+    }
+    let devices: Vec<_> = m
+        .identities
+        .registry()
+        .specs()
+        .iter()
+        .map(|s| with_connection_strings(&m, s))
+        .collect();
+    Json(serde_json::json!({ "devices": devices })).into_response()
+}
+
+/// An empty body means all defaults.
+fn parse_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| e.to_string())
+}
+
+async fn put_identity(
+    State(m): State<Arc<Management>>,
+    headers: HeaderMap,
+    UrlPath(device): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&m, &headers) {
+        return r;
+    }
+    let req: DeviceRequest = match parse_json(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if req.device_id.as_deref().is_some_and(|d| d != device) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "deviceId in the body differs from the URL",
+        );
+    }
+    let spec = spec_from(device, req);
+    let (m2, s2) = (m.clone(), spec.clone());
+    match tokio::task::spawn_blocking(move || m2.identities.put(s2)).await {
+        Ok(Ok(())) => Json(with_connection_strings(&m, &spec)).into_response(),
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn put_identities(
+    State(m): State<Arc<Management>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = unauthorized(&m, &headers) {
+        return r;
+    }
+    let req: BulkRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"devices\": [{{\"deviceId\": …}}]}}: {e}"),
+            )
+        }
+    };
+    let mut specs = Vec::with_capacity(req.devices.len());
+    for (i, mut d) in req.devices.into_iter().enumerate() {
+        let Some(id) = d.device_id.take() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("devices[{i}] has no deviceId"),
+            );
+        };
+        specs.push(spec_from(id, d));
+    }
+    let (m2, s2) = (m.clone(), specs.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        for s in s2 {
+            m2.identities.put(s)?;
+        }
+        Ok::<(), RegistryError>(())
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => {
+            let devices: Vec<_> = specs
+                .iter()
+                .map(|s| with_connection_strings(&m, s))
+                .collect();
+            Json(serde_json::json!({ "devices": devices })).into_response()
+        }
+        Ok(Err(e)) => registry_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn delete_identity(
+    State(m): State<Arc<Management>>,
+    headers: HeaderMap,
+    UrlPath(device): UrlPath<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&m, &headers) {
+        return r;
+    }
+    let m2 = m.clone();
+    let d2 = device.clone();
+    match tokio::task::spawn_blocking(move || m2.identities.delete(&d2)).await {
+        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
+        Ok(Err(e)) => registry_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

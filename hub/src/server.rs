@@ -11,7 +11,6 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::auth::{AllowAnonymous, DenyAll};
 use crate::broker::{Broker, Limits};
 use crate::config::{Config, DurabilityArg};
 use crate::pipeline::Pipeline;
@@ -42,11 +41,14 @@ pub enum ServerError {
     Routes(#[from] crate::pipeline::RoutesFileError),
     #[error("management token file: {0}")]
     Token(std::io::Error),
+    #[error("identity registry: {0}")]
+    Registry(String),
 }
 
 pub struct Server {
     broker: Arc<Broker>,
-    registry: Option<Arc<crate::iothub::Registry>>,
+    identities: Arc<crate::iothub::identity::Identities>,
+    gateway_hostname: String,
     pipeline: Arc<Pipeline>,
     management: Option<TcpListener>,
     management_token: String,
@@ -161,31 +163,28 @@ impl Server {
                 source,
             })?;
         let retained_store = Arc::new(StoreRetained(store.clone()));
-        let pipeline = Arc::new(Pipeline::new(store, routes));
-        let mut registry_for_endpoints = None;
-        let broker = if let Some(path) = &config.identities {
-            let registry = Arc::new(crate::iothub::Registry::load(path)?);
-            registry_for_endpoints = Some(registry.clone());
-            info!(devices = registry.len(), "loaded IoT Hub identities");
-            if config.allow_anonymous {
-                warn!("--allow-anonymous: clients without credentials may use generic topics");
-            }
-            let a = Arc::new(crate::iothub::IotHubAuth::new(
-                registry,
-                &config.hostname(),
-                config.allow_anonymous,
-            ));
-            Broker::new(Limits::from_config(config), a.clone(), a)
-        } else if config.allow_anonymous {
-            warn!(
-                "--allow-anonymous: any client may connect without credentials and use any topic"
-            );
-            let a = Arc::new(AllowAnonymous);
-            Broker::new(Limits::from_config(config), a.clone(), a)
-        } else {
-            let d = Arc::new(DenyAll);
-            Broker::new(Limits::from_config(config), d.clone(), d)
+        let seed = match &config.identities {
+            Some(path) => Some(crate::iothub::Registry::load(path)?),
+            None => None,
         };
+        let identities = Arc::new(
+            crate::iothub::identity::Identities::open(store.clone(), seed)
+                .map_err(|e| ServerError::Registry(e.to_string()))?,
+        );
+        let pipeline = Arc::new(Pipeline::new(store, routes));
+        let devices = identities.registry().len();
+        info!(devices, "IoT Hub identities loaded");
+        if config.allow_anonymous {
+            warn!(
+                "--allow-anonymous: clients without credentials may connect; while no identity exists they may use any topic, otherwise only non-IoT Hub topics"
+            );
+        }
+        let auth = Arc::new(crate::iothub::IotHubAuth::new(
+            identities.clone(),
+            &config.hostname(),
+            config.allow_anonymous,
+        ));
+        let broker = Broker::new(Limits::from_config(config), auth.clone(), auth);
         let retained: Vec<(String, Vec<u8>)> = retained
             .into_iter()
             .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
@@ -199,7 +198,8 @@ impl Server {
         }
         Ok(Server {
             broker,
-            registry: registry_for_endpoints,
+            identities,
+            gateway_hostname: config.hostname(),
             pipeline,
             management: Some(management),
             management_token,
@@ -238,6 +238,8 @@ impl Server {
             let app = crate::management::router(Arc::new(crate::management::Management {
                 pipeline: self.pipeline.clone(),
                 broker: self.broker.clone(),
+                identities: self.identities.clone(),
+                gateway_hostname: self.gateway_hostname.clone(),
                 token: self.management_token.clone(),
             }));
             accept_tasks.push(tokio::spawn(async move {
@@ -250,7 +252,7 @@ impl Server {
             accept_tasks.push(tokio::spawn(supervise_endpoints(
                 self.broker.clone(),
                 self.pipeline.clone(),
-                self.registry.clone(),
+                self.identities.clone(),
                 rx,
                 self.shutdown.subscribe(),
             )));
@@ -307,7 +309,7 @@ impl Server {
 async fn supervise_endpoints(
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
-    registry: Option<Arc<crate::iothub::Registry>>,
+    identities: Arc<crate::iothub::identity::Identities>,
     mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -316,7 +318,7 @@ async fn supervise_endpoints(
         let Endpoint::ModuleInput { module, input } = ep else {
             return;
         };
-        match registry.as_ref().and_then(|r| r.module_owner(&module)) {
+        match identities.registry().module_owner(&module) {
             Some((device, module)) => {
                 tokio::spawn(crate::endpoints::run_module_endpoint(
                     broker.clone(),
@@ -328,10 +330,40 @@ async fn supervise_endpoints(
                     shutdown.clone(),
                 ));
             }
-            None => warn!(
-                endpoint = handle.name(),
-                "no registered identity has module {module:?}: its messages stay stored until it exists or they expire"
-            ),
+            None => {
+                warn!(
+                    endpoint = handle.name(),
+                    "no registered identity has module {module:?}: its messages stay stored until it exists or they expire"
+                );
+                // Identities can be added at run time: look again.
+                let (broker, store, identities, mut shutdown) = (
+                    broker.clone(),
+                    pipeline.store().clone(),
+                    identities.clone(),
+                    shutdown.clone(),
+                );
+                tokio::spawn(async move {
+                    let owner = loop {
+                        if let Some(o) = identities.registry().module_owner(&module) {
+                            break o;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    };
+                    crate::endpoints::run_module_endpoint(
+                        broker,
+                        store,
+                        handle,
+                        owner.0,
+                        owner.1,
+                        input.to_string(),
+                        shutdown,
+                    )
+                    .await;
+                });
+            }
         }
     };
     for handle in pipeline.store().endpoints() {

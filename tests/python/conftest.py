@@ -89,7 +89,8 @@ class Hub:
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
+            body = r.read()
+            return json.loads(body) if body else None
 
     def outbox(self, max=1000, endpoint="$upstream"):
         q = urllib.parse.urlencode({"endpoint": endpoint, "max": max})

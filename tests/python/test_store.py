@@ -39,7 +39,7 @@ class Device:
     """A paho client with a SAS token; records which publishes were acknowledged
     and with which reason code."""
 
-    def __init__(self, hub, device_id, version=mqtt.MQTTv311):
+    def __init__(self, hub, device_id, version=mqtt.MQTTv311, key=DEV_KEY, expect_refusal=False):
         self.id = device_id
         self.version = version
         self.acked = {}  # mid -> reason code value
@@ -50,16 +50,23 @@ class Device:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device_id,
                              protocol=version, reconnect_on_failure=False)
         self.c.username_pw_set(f"{GATEWAY}/{device_id}/?api-version=2021-04-12",
-                               sas(f"{GATEWAY}/devices/{device_id}", DEV_KEY))
+                               sas(f"{GATEWAY}/devices/{device_id}", key))
         self.c.tls_set(ca_certs=str(hub.ca))
         self.c.max_inflight_messages_set(20)
         connected = threading.Event()
-        self.c.on_connect = lambda c, u, f, rc, p: connected.set()
+        self.connack = None
+
+        def on_connect(c, u, f, rc, p):
+            self.connack = rc
+            connected.set()
+        self.c.on_connect = on_connect
         self.c.on_publish = self._on_publish
         self.c.on_disconnect = self._on_disconnect
         self.c.connect("localhost", hub.port("tls"), 30)
         self.c.loop_start()
-        assert connected.wait(10), f"{device_id} did not connect"
+        assert connected.wait(10), f"{device_id} got no CONNACK"
+        if not expect_refusal:
+            assert not self.connack.is_failure, f"{device_id} refused: {self.connack}"
 
     def _on_publish(self, c, u, mid, rc, p):
         with self.lock:
@@ -362,3 +369,44 @@ def test_retained_messages_survive_kill_9_with_their_properties(start_hub):
     assert m.properties.UserProperty == [("site", "north")]
     s.assert_no_message()
     s.disconnect()
+
+
+def test_identities_managed_through_the_api_persist_and_authenticate(start_hub):
+    import urllib.error
+    hub = start_hub(allow_anonymous=False, name="ids")
+    created = hub.api("PUT", "/api/identities/api-dev", {"modules": [{"moduleId": "m1"}]})
+    assert created["deviceId"] == "api-dev" and len(base64.b64decode(created["primaryKey"])) == 32
+    cs = dict(kv.split("=", 1) for kv in created["connectionString"].split(";"))
+    assert cs["DeviceId"] == "api-dev" and cs["GatewayHostName"] == GATEWAY
+    assert created["modules"][0]["connectionString"].count("ModuleId=m1") == 1
+    key = created["primaryKey"]
+
+    d = Device(hub, "api-dev", key=key)
+    d.send(b"hello").wait_for_publish(5)
+    wait_for(lambda: len(d.acknowledged()) == 1, what="PUBACK")
+    d.stop()
+
+    # Bulk provisioning, as a load test does.
+    bulk = hub.api("POST", "/api/identities", {"devices": [{"deviceId": f"bulk-{i}"} for i in range(50)]})
+    assert len(bulk["devices"]) == 50
+    assert len(hub.api("GET", "/api/identities")["devices"]) == 51
+
+    # Invalid requests get specific errors.
+    for path, body, needle in [("/api/identities/bad%20id", {}, "invalid device id"),
+                               ("/api/identities/x", {"primaryKey": "not base64!"}, "not base64"),
+                               ("/api/identities/x", {"deviceId": "y"}, "differs")]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            hub.api("PUT", path, body)
+        assert e.value.code == 400 and needle in json.loads(e.value.read())["error"], path
+
+    # The registry is in the store: it survives a restart without any file.
+    hub.stop()
+    hub = start_hub(allow_anonymous=False, name="ids")
+    d = Device(hub, "api-dev", key=key)
+    d.stop()
+    assert hub.api("DELETE", "/api/identities/api-dev") is None  # 204 No Content
+    refused = Device(hub, "api-dev", key=key, expect_refusal=True)
+    assert refused.connack.is_failure
+    with pytest.raises(urllib.error.HTTPError) as e:
+        hub.api("DELETE", "/api/identities/api-dev")
+    assert e.value.code == 404

@@ -5,38 +5,54 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::auth::{AuthError, Authenticator, Authorizer, ConnectInfo, Principal};
 
-use super::identity::Registry;
+use super::identity::{Identities, Registry};
 use super::sas::SasToken;
 
 /// Authenticates devices and modules by SAS token and confines each to its
 /// own IoT Hub topics. With `allow_anonymous`, clients that present no
 /// credentials are still let in for generic topics (development only).
 pub struct IotHubAuth {
-    registry: Arc<Registry>,
-    /// Host names a token or username may name: the IoT Hub's and ours.
-    hostnames: Vec<String>,
+    identities: Arc<Identities>,
+    /// Our host name; the IoT Hub's comes from the registry.
+    gateway_hostname: String,
     allow_anonymous: bool,
 }
 
 impl IotHubAuth {
     pub fn new(
-        registry: Arc<Registry>,
+        identities: Arc<Identities>,
         gateway_hostname: &str,
         allow_anonymous: bool,
     ) -> IotHubAuth {
-        let mut hostnames = vec![gateway_hostname.to_lowercase()];
-        if let Some(h) = &registry.iothub_hostname {
-            hostnames.push(h.to_lowercase());
-        }
         IotHubAuth {
-            registry,
-            hostnames,
+            identities,
+            gateway_hostname: gateway_hostname.to_owned(),
             allow_anonymous,
         }
     }
 
-    fn known_host(&self, h: &str) -> bool {
-        self.hostnames.iter().any(|k| k.eq_ignore_ascii_case(h))
+    /// A host a token or username may name: ours or the IoT Hub's.
+    fn known_host(&self, registry: &Registry, h: &str) -> bool {
+        h.eq_ignore_ascii_case(&self.gateway_hostname)
+            || registry
+                .iothub_hostname
+                .as_deref()
+                .is_some_and(|k| k.eq_ignore_ascii_case(h))
+    }
+
+    /// Anonymous clients (`--allow-anonymous`) may use any topic while no
+    /// identity exists (a plain development broker); once there are
+    /// identities, the IoT Hub topics are theirs alone.
+    fn anonymous_may(&self, topic_or_filter: &str, filter: bool) -> bool {
+        if !self.allow_anonymous {
+            return false;
+        }
+        if self.identities.registry().is_empty() {
+            return true;
+        }
+        !topic_or_filter.starts_with("devices/")
+            && !topic_or_filter.starts_with("$iothub/")
+            && !(filter && (topic_or_filter.starts_with('#') || topic_or_filter.starts_with('+')))
     }
 }
 
@@ -64,6 +80,7 @@ fn split_identity(s: &str) -> Option<(&str, Option<&str>)> {
 impl Authenticator for IotHubAuth {
     fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, AuthError> {
         let bad = |why: String| Err(AuthError::BadCredentials(why));
+        let registry = self.identities.registry();
         if info.username.is_none() && info.password.is_none() {
             if self.allow_anonymous {
                 return Ok(Principal {
@@ -89,7 +106,7 @@ impl Authenticator for IotHubAuth {
         let mut parts = path.splitn(2, '/');
         let host = parts.next().unwrap_or_default();
         let user_identity = parts.next().unwrap_or_default();
-        if !self.known_host(host) {
+        if !self.known_host(&registry, host) {
             return bad(format!(
                 "username names host {host:?}, which is neither this gateway nor its IoT Hub"
             ));
@@ -105,7 +122,7 @@ impl Authenticator for IotHubAuth {
                 ))
             }
         }
-        let Some(dev) = self.registry.device(device) else {
+        let Some(dev) = registry.device(device) else {
             return Err(AuthError::NotAuthorized(format!(
                 "unknown device {device:?}"
             )));
@@ -142,9 +159,13 @@ impl Authenticator for IotHubAuth {
         // sr: {host}/devices/{d}[/modules/{m}]
         let sr: Vec<&str> = token.resource.split('/').collect();
         let sr_ok = match sr.as_slice() {
-            [h, "devices", d] => self.known_host(h) && same(d, device) && module.is_none(),
+            [h, "devices", d] => {
+                self.known_host(&registry, h) && same(d, device) && module.is_none()
+            }
             [h, "devices", d, "modules", m] => {
-                self.known_host(h) && same(d, device) && module.is_some_and(|mm| same(m, mm))
+                self.known_host(&registry, h)
+                    && same(d, device)
+                    && module.is_some_and(|mm| same(m, mm))
             }
             _ => false,
         };
@@ -183,9 +204,7 @@ fn identity_prefix(p: &Principal) -> String {
 impl Authorizer for IotHubAuth {
     fn may_publish(&self, p: &Principal, topic: &str) -> bool {
         if p.anonymous {
-            return self.allow_anonymous
-                && !topic.starts_with("devices/")
-                && !topic.starts_with("$iothub/");
+            return self.anonymous_may(topic, false);
         }
         let own = identity_prefix(p);
         // Telemetry / module output; twin requests; method responses.
@@ -197,11 +216,7 @@ impl Authorizer for IotHubAuth {
 
     fn may_subscribe(&self, p: &Principal, filter: &str) -> bool {
         if p.anonymous {
-            return self.allow_anonymous
-                && !filter.starts_with("devices/")
-                && !filter.starts_with("$iothub/")
-                && !filter.starts_with('#')
-                && !filter.starts_with('+');
+            return self.anonymous_may(filter, true);
         }
         let own = identity_prefix(p);
         let module = p.name.contains('/');
@@ -234,7 +249,7 @@ mod tests {
         )
         .unwrap();
         IotHubAuth::new(
-            Arc::new(Registry::load(f.path()).unwrap()),
+            Arc::new(Identities::fixed(Registry::load(f.path()).unwrap())),
             "gateway.local",
             anonymous,
         )

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -21,22 +22,35 @@ struct FileSpec {
     devices: Vec<DeviceSpec>,
 }
 
-#[derive(Deserialize)]
+/// A device as the identities file, the store and the management API spell it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DeviceSpec {
-    device_id: String,
-    primary_key: String,
-    secondary_key: Option<String>,
+pub struct DeviceSpec {
+    pub device_id: String,
+    pub primary_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
     #[serde(default)]
-    modules: Vec<ModuleSpec>,
+    pub modules: Vec<ModuleSpec>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ModuleSpec {
-    module_id: String,
-    primary_key: String,
-    secondary_key: Option<String>,
+pub struct ModuleSpec {
+    pub module_id: String,
+    pub primary_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
+}
+
+/// Ids as IoT Hub allows them: up to 128 characters of ASCII letters, digits
+/// and `-.%_*?!(),:=@$'` (no `/`, which would break topics).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.%_*?!(),:=@$'".contains(&b))
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +72,27 @@ pub struct Device {
     pub id: String,
     pub keys: Keys,
     pub modules: HashMap<String, (String, Keys)>,
+}
+
+impl Device {
+    pub fn spec(&self) -> DeviceSpec {
+        let mut modules: Vec<ModuleSpec> = self
+            .modules
+            .values()
+            .map(|(id, k)| ModuleSpec {
+                module_id: id.clone(),
+                primary_key: k.primary.clone(),
+                secondary_key: k.secondary.clone(),
+            })
+            .collect();
+        modules.sort_by(|a, b| a.module_id.cmp(&b.module_id));
+        DeviceSpec {
+            device_id: self.id.clone(),
+            primary_key: self.keys.primary.clone(),
+            secondary_key: self.keys.secondary.clone(),
+            modules,
+        }
+    }
 }
 
 /// The identity registry and the host names tokens may be issued for.
@@ -96,11 +131,48 @@ impl Registry {
             devices: HashMap::new(),
         };
         for d in spec.devices {
-            check_key(&p, &d.device_id, &d.primary_key)?;
+            let key = d.device_id.to_lowercase();
+            if reg.devices.contains_key(&key) {
+                return Err(IdentityError::Invalid {
+                    path: p,
+                    detail: format!("device {} listed twice", d.device_id),
+                });
+            }
+            reg.insert(d).map_err(|detail| IdentityError::Invalid {
+                path: p.clone(),
+                detail,
+            })?;
+        }
+        Ok(reg)
+    }
+
+    /// Adds or replaces a device (with its modules) after checking it.
+    pub fn insert(&mut self, d: DeviceSpec) -> Result<(), String> {
+        let p = "";
+        let bad = |e: IdentityError| match e {
+            IdentityError::Invalid { detail, .. } | IdentityError::Read { detail, .. } => detail,
+        };
+        if !valid_id(&d.device_id) {
+            return Err(format!("invalid device id {:?}", d.device_id));
+        }
+        {
+            check_key(p, &d.device_id, &d.primary_key).map_err(bad)?;
+            if let Some(k) = &d.secondary_key {
+                check_key(p, &d.device_id, k).map_err(bad)?;
+            }
             let mut modules = HashMap::new();
             for m in d.modules {
                 let who = format!("{}/{}", d.device_id, m.module_id);
-                check_key(&p, &who, &m.primary_key)?;
+                if !valid_id(&m.module_id) {
+                    return Err(format!("invalid module id {who:?}"));
+                }
+                check_key(p, &who, &m.primary_key).map_err(bad)?;
+                if let Some(k) = &m.secondary_key {
+                    check_key(p, &who, k).map_err(bad)?;
+                }
+                if modules.contains_key(&m.module_id.to_lowercase()) {
+                    return Err(format!("module {who} listed twice"));
+                }
                 modules.insert(
                     m.module_id.to_lowercase(),
                     (
@@ -112,15 +184,8 @@ impl Registry {
                     ),
                 );
             }
-            let key = d.device_id.to_lowercase();
-            if reg.devices.contains_key(&key) {
-                return Err(IdentityError::Invalid {
-                    path: p,
-                    detail: format!("device {} listed twice", d.device_id),
-                });
-            }
-            reg.devices.insert(
-                key,
+            self.devices.insert(
+                d.device_id.to_lowercase(),
                 Device {
                     id: d.device_id,
                     keys: Keys {
@@ -131,7 +196,18 @@ impl Registry {
                 },
             );
         }
-        Ok(reg)
+        Ok(())
+    }
+
+    pub fn remove(&mut self, device_id: &str) -> bool {
+        self.devices.remove(&device_id.to_lowercase()).is_some()
+    }
+
+    /// Every device, by id, in the form the management API returns.
+    pub fn specs(&self) -> Vec<DeviceSpec> {
+        let mut v: Vec<DeviceSpec> = self.devices.values().map(Device::spec).collect();
+        v.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        v
     }
 
     /// The device a module named `module` belongs to, as (device id, module
@@ -163,5 +239,106 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
+    }
+}
+
+/// The live registry: kept in the store's `identities` table (one JSON
+/// [`DeviceSpec`] per device), read by every CONNECT as a snapshot, changed
+/// through the management API (or seeded from `--identities`).
+pub struct Identities {
+    current: arc_swap::ArcSwap<Registry>,
+    store: Option<edgehub_store::Store>,
+    /// Writers take turns: store write, then swap.
+    write: parking_lot::Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] edgehub_store::StoreError),
+}
+
+impl Identities {
+    /// In memory only (tests, or a hub without a store).
+    pub fn fixed(registry: Registry) -> Identities {
+        Identities {
+            current: arc_swap::ArcSwap::from_pointee(registry),
+            store: None,
+            write: parking_lot::Mutex::new(()),
+        }
+    }
+
+    /// The identities kept in `store`, then every device of `seed` (the
+    /// `--identities` file) written over them: the file is configuration,
+    /// devices added through the management API stay as well.
+    pub fn open(
+        store: edgehub_store::Store,
+        seed: Option<Registry>,
+    ) -> Result<Identities, RegistryError> {
+        let mut reg = Registry::default();
+        for (key, value) in store.scan(edgehub_store::Table::Identities)? {
+            let spec: DeviceSpec = serde_json::from_slice(&value).map_err(|e| {
+                RegistryError::Invalid(format!(
+                    "stored identity {:?} unreadable: {e}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
+            reg.insert(spec).map_err(RegistryError::Invalid)?;
+        }
+        if let Some(seed) = seed {
+            reg.iothub_hostname = seed.iothub_hostname.clone();
+            for spec in seed.specs() {
+                store.put(
+                    edgehub_store::Table::Identities,
+                    spec.device_id.to_lowercase().as_bytes(),
+                    &serde_json::to_vec(&spec).expect("spec serializes"),
+                )?;
+                reg.insert(spec).map_err(RegistryError::Invalid)?;
+            }
+        }
+        Ok(Identities {
+            current: arc_swap::ArcSwap::from_pointee(reg),
+            store: Some(store),
+            write: parking_lot::Mutex::new(()),
+        })
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.current.load_full()
+    }
+
+    /// Adds or replaces a device; durable before it returns.
+    pub fn put(&self, spec: DeviceSpec) -> Result<(), RegistryError> {
+        let _w = self.write.lock();
+        let mut next = Registry::clone(&self.current.load());
+        next.insert(spec.clone()).map_err(RegistryError::Invalid)?;
+        if let Some(store) = &self.store {
+            store.put(
+                edgehub_store::Table::Identities,
+                spec.device_id.to_lowercase().as_bytes(),
+                &serde_json::to_vec(&spec).expect("spec serializes"),
+            )?;
+        }
+        self.current.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Removes a device and its modules; `false` when there was none.
+    pub fn delete(&self, device_id: &str) -> Result<bool, RegistryError> {
+        let _w = self.write.lock();
+        let mut next = Registry::clone(&self.current.load());
+        if !next.remove(device_id) {
+            return Ok(false);
+        }
+        if let Some(store) = &self.store {
+            store.delete(
+                edgehub_store::Table::Identities,
+                device_id.to_lowercase().as_bytes(),
+            )?;
+        }
+        self.current.store(Arc::new(next));
+        Ok(true)
     }
 }
