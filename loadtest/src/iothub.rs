@@ -91,6 +91,44 @@ fn url_encode(s: &str) -> String {
     out
 }
 
+/// Creates `count` devices named `{prefix}-{i}` through edgehub's management
+/// API (`POST /api/identities`, in chunks of 1000) and returns them as the
+/// connection strings it answered (pointed at its `GatewayHostName`).
+pub fn provision(
+    management: &str,
+    token: &str,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<DeviceIdentity>, String> {
+    let url = format!("{}/api/identities", management.trim_end_matches('/'));
+    let mut out = Vec::with_capacity(count);
+    let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    for chunk in ids.chunks(1000) {
+        let body = serde_json::json!({
+            "devices": chunk.iter().map(|id| serde_json::json!({"deviceId": id})).collect::<Vec<_>>()
+        });
+        let resp: serde_json::Value = ureq::post(&url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(body)
+            .map_err(|e| match e {
+                ureq::Error::Status(code, r) => format!(
+                    "{url}: HTTP {code}: {}",
+                    r.into_string().unwrap_or_default()
+                ),
+                other => format!("{url}: {other}"),
+            })?
+            .into_json()
+            .map_err(|e| format!("{url}: unreadable answer: {e}"))?;
+        for d in resp["devices"].as_array().ok_or("answer has no devices")? {
+            let cs = d["connectionString"]
+                .as_str()
+                .ok_or("device without connectionString")?;
+            out.push(DeviceIdentity::parse(cs)?);
+        }
+    }
+    Ok(out)
+}
+
 /// One connection string per line; blank lines and `#` comments skipped.
 pub fn read_connection_strings(text: &str) -> Result<Vec<DeviceIdentity>, String> {
     text.lines()

@@ -62,8 +62,15 @@ struct Args {
     /// (HostName=…;DeviceId=…;SharedAccessKey=…[;GatewayHostName=…]). Device i
     /// connects as line i with a SAS token and publishes telemetry on
     /// devices/{id}/messages/events/, which edgehub routes and stores.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "provision")]
     connection_strings: Option<PathBuf>,
+    /// IoT Hub mode with devices created first through edgehub's management
+    /// API at this URL (e.g. http://127.0.0.1:8787), named <client-prefix>-<i>.
+    #[arg(long, requires = "management_token")]
+    provision: Option<String>,
+    /// Bearer token for --provision (edgehub: <data-dir>/management-token).
+    #[arg(long, env = "EDGEHUB_MANAGEMENT_TOKEN", hide_env_values = true)]
+    management_token: Option<String>,
 }
 
 fn config(a: &Args, target: Target) -> LoadConfig {
@@ -86,6 +93,17 @@ fn config(a: &Args, target: Target) -> LoadConfig {
 }
 
 fn identities(a: &Args) -> anyhow::Result<Vec<edgehub_loadtest::iothub::DeviceIdentity>> {
+    if let (Some(url), Some(token)) = (&a.provision, &a.management_token) {
+        let started = std::time::Instant::now();
+        let ids = edgehub_loadtest::iothub::provision(url, token, &a.client_prefix, a.devices)
+            .map_err(|e| anyhow::anyhow!("provisioning devices: {e}"))?;
+        eprintln!(
+            "provisioned {} devices through {url} in {:.2} s",
+            ids.len(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(ids);
+    }
     let Some(path) = &a.connection_strings else {
         return Ok(Vec::new());
     };
