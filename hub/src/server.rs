@@ -81,6 +81,24 @@ impl crate::broker::RetainedStore for StoreRetained {
     }
 }
 
+/// Persistent sessions in the store's `sessions` table (unsynced writes,
+/// like retained messages).
+struct StoreTable(edgehub_store::Store, edgehub_store::Table);
+
+impl crate::broker::SessionStore for StoreTable {
+    fn save(&self, client_id: &str, record: &[u8]) {
+        if let Err(e) = self.0.put_buffered(self.1, client_id.as_bytes(), record) {
+            warn!(client = client_id, error = %e, "session not persisted");
+        }
+    }
+
+    fn remove(&self, client_id: &str) {
+        if let Err(e) = self.0.delete_buffered(self.1, client_id.as_bytes()) {
+            warn!(client = client_id, error = %e, "session removal not persisted");
+        }
+    }
+}
+
 /// Counts live connection tasks so shutdown can wait for them.
 #[derive(Default)]
 struct Tracker {
@@ -190,6 +208,29 @@ impl Server {
             .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
             .collect();
         broker.persist_retained(retained_store, retained);
+        let sessions: Vec<(String, Vec<u8>)> = pipeline
+            .store()
+            .scan(edgehub_store::Table::Sessions)
+            .map_err(|source| ServerError::Store {
+                path: config.data_dir.join("store"),
+                source,
+            })?
+            .into_iter()
+            .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
+            .collect();
+        broker.persist_sessions(
+            Arc::new(StoreTable(
+                pipeline.store().clone(),
+                edgehub_store::Table::Sessions,
+            )),
+            sessions,
+        );
+        if broker.session_count() > 0 {
+            info!(
+                count = broker.session_count(),
+                "persistent sessions restored (offline)"
+            );
+        }
         if broker.retained_count() > 0 {
             info!(
                 count = broker.retained_count(),

@@ -410,3 +410,39 @@ def test_identities_managed_through_the_api_persist_and_authenticate(start_hub):
     with pytest.raises(urllib.error.HTTPError) as e:
         hub.api("DELETE", "/api/identities/api-dev")
     assert e.value.code == 404
+
+
+def test_persistent_sessions_survive_kill_9_and_collect_messages_while_offline(start_hub):
+    from conftest import Client, props
+    from paho.mqtt.packettypes import PacketTypes
+    hub = start_hub(name="s")
+    sub = Client(hub, "keeper", version=3, clean=False)
+    sub.connect()
+    sub.subscribe("alerts/#", 1)
+    short = Client(hub, "short-lived", version=5, clean=True,
+                   connect_props=props(PacketTypes.CONNECT, SessionExpiryInterval=1))
+    short.connect()
+    short.subscribe("alerts/#", 1)
+    sub.disconnect()
+    short.disconnect()
+    hub.proc.send_signal(signal.SIGKILL)
+    hub.proc.wait(10)
+    hub.stop()
+    time.sleep(1.5)  # longer than short-lived's session expiry
+
+    hub = start_hub(name="s")
+    pub = Client(hub, "pub", version=5)
+    pub.connect()
+    pub.publish("alerts/boiler", b"overheat", qos=1)
+    pub.disconnect()
+    sub = Client(hub, "keeper", version=3, clean=False)
+    _, flags, _ = sub.connect()
+    assert flags.session_present, "the session and its subscription came back"
+    m = sub.get()
+    assert (m.topic, m.payload) == ("alerts/boiler", b"overheat")
+    sub.disconnect()
+    short = Client(hub, "short-lived", version=5, clean=False,
+                   connect_props=props(PacketTypes.CONNECT, SessionExpiryInterval=60))
+    _, flags, _ = short.connect()
+    assert not flags.session_present, "an expired session stays expired across restarts"
+    short.disconnect()

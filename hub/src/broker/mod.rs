@@ -34,6 +34,78 @@ pub trait RetainedStore: Send + Sync + 'static {
     fn remove(&self, topic: &str);
 }
 
+/// Where persistent sessions (expiry interval above zero) are kept across
+/// restarts: their subscriptions and expiry. Called under the session's
+/// lock, so records reach it in order; it must be quick.
+pub trait SessionStore: Send + Sync + 'static {
+    fn save(&self, client_id: &str, record: &[u8]);
+    fn remove(&self, client_id: &str);
+}
+
+/// `1 | protocol | expiry u32 | disconnected_at u64 (unix s, 0 = connected)
+/// | count u32 | (len u16, filter, qos, no_local, rap, rh, id u32)*`.
+fn session_record(st: &session::SessionState, disconnected_at: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + st.subscriptions.len() * 32);
+    out.push(1);
+    out.push(match st.protocol {
+        Protocol::V5 => 5,
+        _ => 4,
+    });
+    out.extend_from_slice(&st.expiry_interval.to_be_bytes());
+    out.extend_from_slice(&disconnected_at.to_be_bytes());
+    out.extend_from_slice(&(st.subscriptions.len() as u32).to_be_bytes());
+    for (filter, (o, id)) in &st.subscriptions {
+        out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        out.extend_from_slice(filter.as_bytes());
+        out.extend_from_slice(&[
+            o.qos as u8,
+            o.no_local as u8,
+            o.retain_as_published as u8,
+            o.retain_handling,
+        ]);
+        out.extend_from_slice(&id.unwrap_or(0).to_be_bytes());
+    }
+    out
+}
+
+type SavedSubscription = (String, SubscriptionOptions, Option<u32>);
+
+/// (protocol, expiry, disconnected_at, subscriptions) or `None` if unreadable.
+fn parse_session_record(raw: &[u8]) -> Option<(Protocol, u32, u64, Vec<SavedSubscription>)> {
+    let mut r = raw;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (a, b) = (r.get(..n)?, r.get(n..)?);
+        r = b;
+        Some(a)
+    };
+    if take(1)? != [1] {
+        return None;
+    }
+    let protocol = if take(1)?[0] == 5 {
+        Protocol::V5
+    } else {
+        Protocol::V311
+    };
+    let expiry = u32::from_be_bytes(take(4)?.try_into().ok()?);
+    let at = u64::from_be_bytes(take(8)?.try_into().ok()?);
+    let n = u32::from_be_bytes(take(4)?.try_into().ok()?);
+    let mut subs = Vec::new();
+    for _ in 0..n {
+        let len = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
+        let filter = std::str::from_utf8(take(len)?).ok()?.to_owned();
+        let o = take(4)?;
+        let options = SubscriptionOptions {
+            qos: QoS::from_u8(o[0])?,
+            no_local: o[1] != 0,
+            retain_as_published: o[2] != 0,
+            retain_handling: o[3],
+        };
+        let id = u32::from_be_bytes(take(4)?.try_into().ok()?);
+        subs.push((filter, options, (id != 0).then_some(id)));
+    }
+    Some((protocol, expiry, at, subs))
+}
+
 /// A retained message as stored: its absolute expiry (unix seconds, 0 =
 /// none) and the message as an MQTT 5 PUBLISH, so every property survives.
 pub fn retained_record(msg: &Message) -> Vec<u8> {
@@ -156,6 +228,7 @@ pub struct Broker {
     subscriptions_writer: Mutex<()>,
     retained: RwLock<HashMap<String, Arc<Message>>>,
     retained_store: std::sync::OnceLock<Arc<dyn RetainedStore>>,
+    session_store: std::sync::OnceLock<Arc<dyn SessionStore>>,
 }
 
 impl Broker {
@@ -174,7 +247,81 @@ impl Broker {
             subscriptions_writer: Mutex::new(()),
             retained: RwLock::new(HashMap::new()),
             retained_store: std::sync::OnceLock::new(),
+            session_store: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps persistent sessions in `store` from now on, starting with the
+    /// ones it held (each resumes offline, its expiry counted from when it
+    /// was last disconnected; a session connected at a crash counts from now).
+    pub fn persist_sessions(
+        self: &Arc<Self>,
+        store: Arc<dyn SessionStore>,
+        saved: Vec<(String, Vec<u8>)>,
+    ) {
+        let now = unix_now();
+        for (client_id, raw) in saved {
+            let Some((protocol, expiry, at, subs)) = parse_session_record(&raw) else {
+                tracing::warn!(client = %client_id, "stored session unreadable; dropped");
+                store.remove(&client_id);
+                continue;
+            };
+            let since = if at == 0 { now } else { at };
+            let left = if expiry == u32::MAX {
+                None
+            } else {
+                match (since + expiry as u64).checked_sub(now) {
+                    Some(l) if l > 0 => Some(l),
+                    _ => {
+                        store.remove(&client_id);
+                        continue;
+                    }
+                }
+            };
+            let id: Arc<str> = client_id.as_str().into();
+            let session = Arc::new(Session::new(id.clone(), protocol, expiry));
+            {
+                let mut st = session.state.lock();
+                for (filter, options, sid) in subs {
+                    let (share, inner) = split_share(&filter);
+                    self.update_subscriptions(|tree| {
+                        tree.insert(&id, share, inner, SubEntry { options, id: sid })
+                    });
+                    st.subscriptions.insert(filter, (options, sid));
+                }
+            }
+            self.sessions.insert(id, session.clone());
+            if let Some(left) = left {
+                self.expire_later(session, 0, left);
+            }
+        }
+        let _ = self.session_store.set(store);
+    }
+
+    /// Saves (or, for a non-persistent session, removes) the session record.
+    fn save_session(&self, client_id: &str, st: &session::SessionState, disconnected_at: u64) {
+        if let Some(store) = self.session_store.get() {
+            if st.expiry_interval == 0 {
+                store.remove(client_id);
+            } else {
+                store.save(client_id, &session_record(st, disconnected_at));
+            }
+        }
+    }
+
+    fn expire_later(self: &Arc<Self>, s: Arc<Session>, generation: u64, secs: u64) {
+        let b = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            {
+                let st = s.state.lock();
+                if st.generation != generation || st.connected {
+                    return;
+                }
+            }
+            tracing::debug!(client = %s.client_id, "session expired");
+            b.remove_session(&s, generation);
+        });
     }
 
     /// Keeps retained messages in `store` from now on, starting with
@@ -237,6 +384,7 @@ impl Broker {
             // A new connection before the will delay passed cancels the will.
             st.will = None;
             *session.kick.lock() = Some(kick.clone());
+            self.save_session(&session.client_id, &st, 0);
             st.generation
         };
         let (session, generation) = match self.sessions.entry(client_id.clone()) {
@@ -266,6 +414,9 @@ impl Broker {
         };
         if let Some(old) = ended {
             self.end_session(&old);
+            // Ending the old one removed the stored record they share.
+            let st = session.state.lock();
+            self.save_session(&session.client_id, &st, 0);
         }
         Attached {
             session,
@@ -300,6 +451,9 @@ impl Broker {
         session.online.store(false, Ordering::Release);
         *session.kick.lock() = None;
         let expiry = st.expiry_interval;
+        if expiry != 0 {
+            self.save_session(&session.client_id, &st, unix_now());
+        }
         let mut publish_now = None;
         if let Some(w) = will {
             let delay = will_delay(&w.will);
@@ -331,19 +485,7 @@ impl Broker {
         if expiry == 0 {
             self.remove_session(session, generation);
         } else if expiry != u32::MAX {
-            let b = self.clone();
-            let s = session.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(expiry as u64)).await;
-                {
-                    let st = s.state.lock();
-                    if st.generation != generation || st.connected {
-                        return;
-                    }
-                }
-                tracing::debug!(client = %s.client_id, "session expired");
-                b.remove_session(&s, generation);
-            });
+            self.expire_later(session.clone(), generation, expiry as u64);
         }
     }
 
@@ -374,6 +516,9 @@ impl Broker {
             session.online.store(false, Ordering::Release);
             st.queue.clear();
             st.inflight.clear();
+            if let Some(store) = self.session_store.get() {
+                store.remove(&session.client_id);
+            }
             (std::mem::take(&mut st.subscriptions), st.will.take())
         };
         if !subs.is_empty() {
@@ -539,6 +684,7 @@ impl Broker {
             tree.insert(&session.client_id, share, inner, SubEntry { options, id })
         });
         st.subscriptions.insert(filter.to_owned(), (options, id));
+        self.save_session(&session.client_id, &st, 0);
         Some(existed)
     }
 
@@ -553,6 +699,7 @@ impl Broker {
         }
         let (share, inner) = split_share(filter);
         self.update_subscriptions(|tree| tree.remove(&session.client_id, share, inner));
+        self.save_session(&session.client_id, &st, 0);
         Some(true)
     }
 
