@@ -29,7 +29,7 @@ mod record;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -282,7 +282,6 @@ impl Append {
 #[derive(Debug, Default)]
 pub struct StoreStats {
     pub appended: AtomicU64,
-    pub refused: AtomicU64,
     pub delivered: AtomicU64,
     pub expired: AtomicU64,
 }
@@ -424,14 +423,6 @@ impl Store {
         inner.check_disk();
         let writer = Arc::new(writer::Writer::start(inner.clone()));
         Ok(Store { inner, writer })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.cfg.path
-    }
-
-    pub fn config(&self) -> &StoreConfig {
-        &self.inner.cfg
     }
 
     pub fn stats(&self) -> &StoreStats {
@@ -755,8 +746,6 @@ impl Inner {
             added += cost;
             results.push(Ok(seq));
         }
-        let refused = results.iter().filter(|r| r.is_err()).count() as u64;
-        self.stats.refused.fetch_add(refused, Ordering::Relaxed);
         if added == 0 {
             return results;
         }
@@ -793,8 +782,11 @@ impl Inner {
             }
         }
         drop(next_seq);
-        for item in items {
-            for t in &item.targets {
+        // One wake-up per endpoint per batch, not per message.
+        let mut woken: Vec<u32> = Vec::new();
+        for t in items.iter().flat_map(|i| &i.targets) {
+            if !woken.contains(&t.endpoint.id) {
+                woken.push(t.endpoint.id);
                 t.endpoint.notify.notify_one();
             }
         }
