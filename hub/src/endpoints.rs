@@ -95,6 +95,11 @@ pub fn input_topic(base: &str, msg: &Message) -> String {
     t
 }
 
+/// Store endpoint name of a device's cloud-to-device queue.
+pub fn c2d_endpoint_name(device: &str) -> String {
+    format!("c2d:{device}")
+}
+
 /// Runs the executor of one module input until shutdown.
 pub async fn run_module_endpoint(
     broker: Arc<Broker>,
@@ -103,6 +108,41 @@ pub async fn run_module_endpoint(
     device: String,
     module: String,
     input: String,
+    shutdown: watch::Receiver<bool>,
+) {
+    let base = format!("devices/{device}/modules/{module}/inputs/{input}/");
+    run_session_endpoint(
+        broker,
+        store,
+        handle,
+        format!("{device}/{module}"),
+        base,
+        shutdown,
+    )
+    .await
+}
+
+/// Runs the executor of one device's cloud-to-device queue until shutdown:
+/// delivered on `devices/{d}/messages/devicebound/{property bag}`.
+pub async fn run_c2d_endpoint(
+    broker: Arc<Broker>,
+    store: Store,
+    handle: Arc<EndpointHandle>,
+    device: String,
+    shutdown: watch::Receiver<bool>,
+) {
+    let base = format!("devices/{device}/messages/devicebound/");
+    run_session_endpoint(broker, store, handle, device, base, shutdown).await
+}
+
+/// Delivers a store queue to the MQTT session `client` on topics under
+/// `base` (plus each message's property bag).
+async fn run_session_endpoint(
+    broker: Arc<Broker>,
+    store: Store,
+    handle: Arc<EndpointHandle>,
+    client: String,
+    base: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = handle.name().to_owned();
@@ -113,14 +153,12 @@ pub async fn run_module_endpoint(
             return;
         }
     };
-    let base = format!("devices/{device}/modules/{module}/inputs/{input}/");
-    let client = format!("{device}/{module}");
     let waker = Arc::new(Notify::new());
     // Read from the store, not yet accepted by the module's session.
     let mut waiting: VecDeque<Entry> = VecDeque::new();
     let mut inflight: VecDeque<(Entry, Arc<Delivered>, Instant)> = VecDeque::new();
     let mut absent_logged = false;
-    info!(endpoint = %name, module = %client, "endpoint executor started");
+    info!(endpoint = %name, client = %client, "endpoint executor started");
     loop {
         // Acknowledged deliveries leave the store (any order; the store
         // keeps the checkpoint right).
@@ -172,7 +210,7 @@ pub async fn run_module_endpoint(
             if broker.publish(msg) == 0 {
                 // Not subscribed (or its queue is full): keep order, retry.
                 if !absent_logged {
-                    info!(endpoint = %name, module = %client, "module not subscribed to its inputs; messages stay stored");
+                    info!(endpoint = %name, client = %client, "destination not subscribed; messages stay stored");
                     absent_logged = true;
                 }
                 blocked = true;
@@ -199,6 +237,52 @@ pub async fn run_module_endpoint(
             _ = waker.notified() => {}
             _ = async { match tick { Some(t) => tokio::time::sleep(t).await, None => std::future::pending().await } } => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Starts each device's cloud-to-device executor once, on the first message
+/// for it (or at startup when its queue already holds some).
+pub struct C2dExecutors {
+    broker: Arc<Broker>,
+    store: Store,
+    shutdown: watch::Receiver<bool>,
+    started: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+impl C2dExecutors {
+    pub fn new(broker: Arc<Broker>, store: Store, shutdown: watch::Receiver<bool>) -> C2dExecutors {
+        C2dExecutors {
+            broker,
+            store,
+            shutdown,
+            started: Default::default(),
+        }
+    }
+
+    /// The queue of `device` (as registered), with its executor running.
+    pub fn ensure(&self, device: &str) -> Result<Arc<EndpointHandle>, edgehub_store::StoreError> {
+        let handle = self.store.endpoint(&c2d_endpoint_name(device))?;
+        if self.started.lock().insert(device.to_owned()) {
+            tokio::spawn(run_c2d_endpoint(
+                self.broker.clone(),
+                self.store.clone(),
+                handle.clone(),
+                device.to_owned(),
+                self.shutdown.clone(),
+            ));
+        }
+        Ok(handle)
+    }
+
+    /// Executors for every device queue the store already has.
+    pub fn resume(&self) {
+        for h in self.store.endpoints() {
+            if let Some(device) = h.name().strip_prefix("c2d:") {
+                if let Err(e) = self.ensure(device) {
+                    warn!(device, error = %e, "cloud-to-device queue not resumed");
+                }
+            }
         }
     }
 }

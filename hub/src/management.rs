@@ -16,6 +16,12 @@
 //! - `POST /api/identities` with `{"devices": [{"deviceId", …}, …]}`: the same
 //!   in bulk (load tests provision thousands at once).
 //! - `DELETE /api/identities/{deviceId}`.
+//! - `POST /api/devices/{deviceId}/messages` with `{"body": "…"}` (or
+//!   `"bodyBase64"`), optional `"properties": {…}`, `"messageId"`,
+//!   `"correlationId"`, `"contentType"`, `"contentEncoding"`, `"ttlSecs"`
+//!   (default 3600): a cloud-to-device message, stored, then delivered on
+//!   `devices/{d}/messages/devicebound/…` once the device subscribes; removed
+//!   on its PUBACK. Answers 202 once stored.
 //!
 //! `/api/*` needs `Authorization: Bearer <token>`; the token is
 //! `--management-token`, else the one generated into `<data-dir>/management-token`.
@@ -40,6 +46,7 @@ use crate::iothub::identity::{DeviceSpec, Identities, ModuleSpec, RegistryError}
 use crate::pipeline::Pipeline;
 
 pub struct Management {
+    pub c2d: Arc<crate::endpoints::C2dExecutors>,
     pub pipeline: Arc<Pipeline>,
     pub broker: Arc<Broker>,
     pub identities: Arc<Identities>,
@@ -76,6 +83,7 @@ pub fn router(m: Arc<Management>) -> Router {
         .route("/api/outbox", get(outbox))
         .route("/api/outbox/ack", post(outbox_ack))
         .route("/api/identities", get(list_identities).post(put_identities))
+        .route("/api/devices/{device}/messages", post(send_c2d))
         .route(
             "/api/identities/{device}",
             put(put_identity).delete(delete_identity),
@@ -427,6 +435,98 @@ async fn delete_identity(
         Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
         Ok(Err(e)) => registry_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct C2dRequest {
+    body: Option<String>,
+    body_base64: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+    message_id: Option<String>,
+    correlation_id: Option<String>,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    ttl_secs: Option<u64>,
+}
+
+/// IoT Hub's default time-to-live for cloud-to-device messages.
+const C2D_DEFAULT_TTL_SECS: u64 = 3600;
+
+async fn send_c2d(
+    State(m): State<Arc<Management>>,
+    headers: HeaderMap,
+    UrlPath(device): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    use edgehub_router::SystemProperty as P;
+    if let Some(r) = unauthorized(&m, &headers) {
+        return r;
+    }
+    let req: C2dRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let Some(dev) = m
+        .identities
+        .registry()
+        .device(&device)
+        .map(|d| d.id.clone())
+    else {
+        return error(StatusCode::NOT_FOUND, format!("no device {device:?}"));
+    };
+    let payload = match (req.body, req.body_base64) {
+        (Some(t), None) => bytes::Bytes::from(t),
+        (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b) {
+            Ok(v) => bytes::Bytes::from(v),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "bodyBase64 is not base64"),
+        },
+        (None, None) => bytes::Bytes::new(),
+        (Some(_), Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "give body or bodyBase64, not both")
+        }
+    };
+    let mut msg = edgehub_router::Message::new(payload);
+    for (k, v) in &req.properties {
+        msg.set_property(k, v);
+    }
+    msg.set_system(P::To, &format!("/devices/{dev}/messages/deviceBound"));
+    for (p, v) in [
+        (P::MessageId, &req.message_id),
+        (P::CorrelationId, &req.correlation_id),
+        (P::ContentType, &req.content_type),
+        (P::ContentEncoding, &req.content_encoding),
+    ] {
+        if let Some(v) = v {
+            msg.set_system(p, v);
+        }
+    }
+    let handle = match m.c2d.ensure(&dev) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let store = m.pipeline.store();
+    let ttl = req.ttl_secs.unwrap_or(C2D_DEFAULT_TTL_SECS);
+    let target = edgehub_store::Target {
+        endpoint: handle,
+        priority: 0,
+        expires_at_ms: if ttl == 0 {
+            0
+        } else {
+            store.now_ms() + ttl * 1000
+        },
+    };
+    let append = edgehub_store::Append::new(Arc::new(msg), vec![target]);
+    match store.append(append).await {
+        Ok(seq) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "seq": seq })),
+        )
+            .into_response(),
+        Err(e) if e.is_quota() => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

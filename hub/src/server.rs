@@ -275,8 +275,15 @@ impl Server {
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         let tracker = Arc::new(Tracker::default());
         let mut accept_tasks = Vec::new();
+        let c2d = Arc::new(crate::endpoints::C2dExecutors::new(
+            self.broker.clone(),
+            self.pipeline.store().clone(),
+            self.shutdown.subscribe(),
+        ));
+        c2d.resume();
         if let Some(l) = self.management.take() {
             let app = crate::management::router(Arc::new(crate::management::Management {
+                c2d: c2d.clone(),
                 pipeline: self.pipeline.clone(),
                 broker: self.broker.clone(),
                 identities: self.identities.clone(),

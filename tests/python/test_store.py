@@ -446,3 +446,43 @@ def test_persistent_sessions_survive_kill_9_and_collect_messages_while_offline(s
     _, flags, _ = short.connect()
     assert not flags.session_present, "an expired session stays expired across restarts"
     short.disconnect()
+
+
+def test_cloud_to_device_messages_are_stored_until_the_device_takes_them(start_hub, tmp_path):
+    import urllib.error
+    hub = start_hub("--identities", identities(tmp_path), allow_anonymous=False, name="c2d")
+    # Sent while the device is away: stored, 202 with its sequence number.
+    r = hub.api("POST", "/api/devices/dev1/messages",
+                {"body": "reboot", "properties": {"urgency": "high"}, "messageId": "c2d-1"})
+    assert r["seq"] > 0
+    hub.api("POST", "/api/devices/dev1/messages", {"bodyBase64": base64.b64encode(b"\x00\x01").decode()})
+    assert len(hub.outbox(endpoint="c2d:dev1")) == 2
+    with pytest.raises(urllib.error.HTTPError) as e:
+        hub.api("POST", "/api/devices/nobody/messages", {"body": "x"})
+    assert e.value.code == 404
+
+    got = []
+    subscribed = threading.Event()
+    d = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev1", protocol=mqtt.MQTTv311,
+                    reconnect_on_failure=False)
+    d.username_pw_set(f"{GATEWAY}/dev1/?api-version=2021-04-12", sas(f"{GATEWAY}/devices/dev1", DEV_KEY))
+    d.tls_set(ca_certs=str(hub.ca))
+    d.on_message = lambda c, u, m: got.append(m)
+    d.on_subscribe = lambda *a: subscribed.set()
+    d.connect("localhost", hub.port("tls"), 30)
+    d.loop_start()
+    d.subscribe("devices/dev1/messages/devicebound/#", 1)
+    assert subscribed.wait(5)
+    wait_for(lambda: len(got) == 2, what="both C2D messages")
+    assert [m.payload for m in got] == [b"reboot", b"\x00\x01"]
+    topic = got[0].topic
+    assert topic.startswith("devices/dev1/messages/devicebound/")
+    bag = dict(kv.split("=", 1) for kv in topic.rsplit("/", 1)[1].split("&"))
+    assert bag["urgency"] == "high" and bag["%24.mid"] == "c2d-1"
+    assert bag["%24.to"] == "%2Fdevices%2Fdev1%2Fmessages%2FdeviceBound"
+    wait_for(lambda: hub.outbox(endpoint="c2d:dev1") == [], what="the C2D queue to empty")
+    # While connected, new messages go straight through.
+    hub.api("POST", "/api/devices/dev1/messages", {"body": "live"})
+    wait_for(lambda: len(got) == 3 and got[2].payload == b"live", what="a live C2D message")
+    d.disconnect()
+    d.loop_stop()
