@@ -27,18 +27,5 @@ trap cleanup EXIT
     --allow-anonymous --log warn ${HUB_FLAGS:-} > "$work/hub.out" 2>&1 &
 hub_pid=$!
 for _ in $(seq 50); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
-# mosquitto started as root drops to its own user, which must read these.
-chmod a+rx "$work" "$work/hub" "$work/hub/tls"
-chmod a+r "$work/hub/tls/server-key.pem" "$work/hub/tls/server-cert.pem"
-cat > "$work/mosquitto.conf" <<CONF
-listener 18884 127.0.0.1
-allow_anonymous true
-certfile $work/hub/tls/server-cert.pem
-keyfile $work/hub/tls/server-key.pem
-persistence false
-${MOSQUITTO_CONF:-}
-CONF
-"${broker_run[@]}" mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
-mosq_pid=$!
-sleep 0.5
-kill -0 "$mosq_pid" 2>/dev/null || { cat "$work/mosquitto.log"; exit 1; }
+source benches/mosquitto.sh
+start_mosquitto "$work" "${MOSQUITTO_CONF:-}"

@@ -58,19 +58,10 @@ for durability in fsync os-buffered; do
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 done
 
-chmod a+rx "$work" "$work/hub" "$work/hub/tls"
-chmod a+r "$work/hub/tls/server-key.pem" "$work/hub/tls/server-cert.pem"
-cat > "$work/mosquitto.conf" <<CONF
-listener 18884 127.0.0.1
-allow_anonymous true
-certfile $work/hub/tls/server-cert.pem
-keyfile $work/hub/tls/server-key.pem
-persistence false
-max_inflight_messages 32
-CONF
-mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
-pid=$!
-sleep 0.5
+broker_run=()
+source benches/mosquitto.sh
+start_mosquitto "$work" "max_inflight_messages 32"
+pid=$mosq_pid
 echo
 echo "== mosquitto (reference, in memory): QoS 1, $devices devices, 256 B, TLS, ${secs}s $*"
 "$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18884 --ca "$work/hub/ca.pem" \

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edgehub_router::{Message, MessageSource, SystemProperty};
-use edgehub_store::{Append, Durability, Store, StoreConfig, Target};
+use edgehub_store::{Append, Durability, EndpointHandle, Store, StoreConfig, Target};
 
 fn message(size: usize) -> Arc<Message> {
     Arc::new(
@@ -21,6 +21,13 @@ fn message(size: usize) -> Arc<Message> {
             .with_system(SystemProperty::MessageId, "0123456789abcdef")
             .with_source(MessageSource::Telemetry),
     )
+}
+
+/// `n` copies of `msg` for `$upstream` at the lowest priority, no expiry.
+fn appends(msg: &Arc<Message>, ep: &Arc<EndpointHandle>, n: usize) -> Vec<Append> {
+    (0..n)
+        .map(|_| Append::new(msg.clone(), vec![Target::new(ep, 10, 0)]))
+        .collect()
 }
 
 fn open(dir: &std::path::Path, durability: Durability) -> Store {
@@ -55,18 +62,7 @@ fn append(c: &mut Criterion) {
                             // Encoding happens on the connection's task in the
                             // hub, so it is timed too.
                             let start = Instant::now();
-                            let items: Vec<Append> = (0..batch)
-                                .map(|_| {
-                                    Append::new(
-                                        msg.clone(),
-                                        vec![Target {
-                                            endpoint: ep.clone(),
-                                            priority: 10,
-                                            expires_at_ms: 0,
-                                        }],
-                                    )
-                                })
-                                .collect();
+                            let items = appends(&msg, &ep, batch);
                             let r = store.append_batch(&items);
                             total += start.elapsed();
                             assert!(r.iter().all(|r| r.is_ok()));
@@ -90,19 +86,7 @@ fn read_back(c: &mut Criterion) {
         let msg = message(size);
         const N: usize = 20_000;
         for _ in 0..N / 1000 {
-            let items: Vec<Append> = (0..1000)
-                .map(|_| {
-                    Append::new(
-                        msg.clone(),
-                        vec![Target {
-                            endpoint: ep.clone(),
-                            priority: 10,
-                            expires_at_ms: 0,
-                        }],
-                    )
-                })
-                .collect();
-            store.append_batch(&items);
+            store.append_batch(&appends(&msg, &ep, 1000));
         }
         g.throughput(Throughput::Elements(N as u64));
         g.bench_function(

@@ -33,16 +33,7 @@ fn main() {
         while left > 0 {
             let k = left.min(1024);
             let items: Vec<Append> = (0..k)
-                .map(|_| {
-                    Append::new(
-                        msg.clone(),
-                        vec![Target {
-                            endpoint: ep.clone(),
-                            priority: 10,
-                            expires_at_ms: 0,
-                        }],
-                    )
-                })
+                .map(|_| Append::new(msg.clone(), vec![Target::new(&ep, 10, 0)]))
                 .collect();
             assert!(store.append_batch(&items).iter().all(|r| r.is_ok()));
             left -= k;

@@ -76,10 +76,7 @@ pub fn ensure_token(data_dir: &Path) -> std::io::Result<String> {
 }
 
 pub fn router(m: Arc<Management>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
-        .route("/metrics", get(metrics))
+    let api = Router::new()
         .route("/api/outbox", get(outbox))
         .route("/api/outbox/ack", post(outbox_ack))
         .route("/api/identities", get(list_identities).post(put_identities))
@@ -88,6 +85,15 @@ pub fn router(m: Arc<Management>) -> Router {
             "/api/identities/{device}",
             put(put_identity).delete(delete_identity),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            m.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(m)
 }
 
@@ -95,20 +101,52 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
 }
 
-/// `None` when the bearer token is right, else the 401 to send.
-fn unauthorized(m: &Management, headers: &HeaderMap) -> Option<Response> {
+/// Every `/api` route: the bearer token, or 401 with what is wrong.
+async fn require_token(
+    State(m): State<Arc<Management>>,
+    headers: HeaderMap,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(t) if constant_time_eq(t.as_bytes(), m.token.as_bytes()) => None,
-        Some(_) => Some(error(StatusCode::UNAUTHORIZED, "wrong management token")),
-        None => Some(error(
+        Some(t) if constant_time_eq(t.as_bytes(), m.token.as_bytes()) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "wrong management token"),
+        None => error(
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <management token>",
-        )),
+        ),
     }
+}
+
+/// Runs a store or registry call off the async workers and turns its
+/// outcome into the answer.
+async fn blocking<T: Send + 'static, E: Send + 'static>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
+    ok: impl FnOnce(T) -> Response,
+    err: impl FnOnce(E) -> Response,
+) -> Response {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(Ok(v)) => ok(v),
+        Ok(Err(e)) => err(e),
+        Err(e) => internal(e),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// An endpoint's queue by its name, if anything was ever routed there.
+fn endpoint_named(m: &Management, name: &str) -> Option<Arc<edgehub_store::EndpointHandle>> {
+    m.pipeline
+        .store()
+        .endpoints()
+        .into_iter()
+        .find(|e| e.name() == name)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -148,26 +186,24 @@ struct OutboxMessage {
 
 const MAX_OUTBOX_READ: usize = 10_000;
 
-async fn outbox(
-    State(m): State<Arc<Management>>,
-    headers: HeaderMap,
-    Query(q): Query<OutboxQuery>,
-) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
+async fn outbox(State(m): State<Arc<Management>>, Query(q): Query<OutboxQuery>) -> Response {
     let name = q.endpoint.as_deref().unwrap_or("$upstream");
     let max = q.max.unwrap_or(100).clamp(1, MAX_OUTBOX_READ);
-    let store = m.pipeline.store().clone();
-    let Some(ep) = store.endpoints().into_iter().find(|e| e.name() == name) else {
+    let Some(ep) = endpoint_named(&m, name) else {
         // Nothing was ever routed there.
         return Json(serde_json::json!({ "messages": [] })).into_response();
     };
-    let entries = match tokio::task::spawn_blocking(move || store.peek(&ep, max)).await {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
+    let store = m.pipeline.store().clone();
+    let name = name.to_owned();
+    blocking(
+        move || store.peek(&ep, max),
+        |entries| outbox_answer(&name, &entries),
+        internal,
+    )
+    .await
+}
+
+fn outbox_answer(name: &str, entries: &[edgehub_store::Entry]) -> Response {
     let b64 = base64::engine::general_purpose::STANDARD;
     let messages: Vec<OutboxMessage> = entries
         .iter()
@@ -205,13 +241,9 @@ struct AckItem {
 
 async fn outbox_ack(
     State(m): State<Arc<Management>>,
-    headers: HeaderMap,
     Query(q): Query<OutboxQuery>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
     let ack: AckBody = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => {
@@ -231,17 +263,18 @@ async fn outbox_ack(
             format!("priority {} out of range 0-10", bad.priority),
         );
     }
-    let name = q.endpoint.as_deref().unwrap_or("$upstream").to_owned();
-    let store = m.pipeline.store().clone();
-    let Some(ep) = store.endpoints().into_iter().find(|e| e.name() == name) else {
+    let name = q.endpoint.as_deref().unwrap_or("$upstream");
+    let Some(ep) = endpoint_named(&m, name) else {
         return error(StatusCode::NOT_FOUND, format!("no endpoint {name:?}"));
     };
+    let store = m.pipeline.store().clone();
     let seqs: Vec<(u8, u64)> = ack.messages.iter().map(|a| (a.priority, a.seq)).collect();
-    match tokio::task::spawn_blocking(move || store.ack_seqs(&ep, &seqs)).await {
-        Ok(Ok(n)) => Json(serde_json::json!({ "acknowledged": n })).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    blocking(
+        move || store.ack_seqs(&ep, &seqs),
+        |n| Json(serde_json::json!({ "acknowledged": n })).into_response(),
+        internal,
+    )
+    .await
 }
 
 #[derive(Deserialize, Default)]
@@ -319,14 +352,11 @@ fn with_connection_strings(m: &Management, spec: &DeviceSpec) -> serde_json::Val
 fn registry_error(e: RegistryError) -> Response {
     match e {
         RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
-        RegistryError::Store(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        RegistryError::Store(e) => internal(e),
     }
 }
 
-async fn list_identities(State(m): State<Arc<Management>>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
+async fn list_identities(State(m): State<Arc<Management>>) -> Response {
     let devices: Vec<_> = m
         .identities
         .registry()
@@ -347,13 +377,9 @@ fn parse_json<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T
 
 async fn put_identity(
     State(m): State<Arc<Management>>,
-    headers: HeaderMap,
     UrlPath(device): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
     let req: DeviceRequest = match parse_json(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -366,21 +392,15 @@ async fn put_identity(
     }
     let spec = spec_from(device, req);
     let (m2, s2) = (m.clone(), spec.clone());
-    match tokio::task::spawn_blocking(move || m2.identities.put(s2)).await {
-        Ok(Ok(())) => Json(with_connection_strings(&m, &spec)).into_response(),
-        Ok(Err(e)) => registry_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    blocking(
+        move || m2.identities.put(s2),
+        |()| Json(with_connection_strings(&m, &spec)).into_response(),
+        registry_error,
+    )
+    .await
 }
 
-async fn put_identities(
-    State(m): State<Arc<Management>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
+async fn put_identities(State(m): State<Arc<Management>>, body: axum::body::Bytes) -> Response {
     let req: BulkRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -401,42 +421,34 @@ async fn put_identities(
         specs.push(spec_from(id, d));
     }
     let (m2, s2) = (m.clone(), specs.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        for s in s2 {
-            m2.identities.put(s)?;
-        }
-        Ok::<(), RegistryError>(())
-    })
-    .await;
-    match r {
-        Ok(Ok(())) => {
+    blocking(
+        move || s2.into_iter().try_for_each(|s| m2.identities.put(s)),
+        |()| {
             let devices: Vec<_> = specs
                 .iter()
                 .map(|s| with_connection_strings(&m, s))
                 .collect();
             Json(serde_json::json!({ "devices": devices })).into_response()
-        }
-        Ok(Err(e)) => registry_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+        },
+        registry_error,
+    )
+    .await
 }
 
 async fn delete_identity(
     State(m): State<Arc<Management>>,
-    headers: HeaderMap,
     UrlPath(device): UrlPath<String>,
 ) -> Response {
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
-    let m2 = m.clone();
-    let d2 = device.clone();
-    match tokio::task::spawn_blocking(move || m2.identities.delete(&d2)).await {
-        Ok(Ok(true)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Ok(false)) => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
-        Ok(Err(e)) => registry_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
+    let (m2, d2) = (m.clone(), device.clone());
+    blocking(
+        move || m2.identities.delete(&d2),
+        |found| match found {
+            true => StatusCode::NO_CONTENT.into_response(),
+            false => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
+        },
+        registry_error,
+    )
+    .await
 }
 
 #[derive(Deserialize)]
@@ -458,14 +470,11 @@ const C2D_DEFAULT_TTL_SECS: u64 = 3600;
 
 async fn send_c2d(
     State(m): State<Arc<Management>>,
-    headers: HeaderMap,
     UrlPath(device): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
     use edgehub_router::SystemProperty as P;
-    if let Some(r) = unauthorized(&m, &headers) {
-        return r;
-    }
+
     let req: C2dRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -506,19 +515,16 @@ async fn send_c2d(
     }
     let handle = match m.c2d.ensure(&dev) {
         Ok(h) => h,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return internal(e),
     };
     let store = m.pipeline.store();
     let ttl = req.ttl_secs.unwrap_or(C2D_DEFAULT_TTL_SECS);
-    let target = edgehub_store::Target {
-        endpoint: handle,
-        priority: 0,
-        expires_at_ms: if ttl == 0 {
-            0
-        } else {
-            store.now_ms() + ttl * 1000
-        },
+    let expires_at_ms = if ttl == 0 {
+        0
+    } else {
+        store.now_ms() + ttl * 1000
     };
+    let target = edgehub_store::Target::new(&handle, 0, expires_at_ms);
     let append = edgehub_store::Append::new(Arc::new(msg), vec![target]);
     match store.append(append).await {
         Ok(seq) => (
@@ -527,6 +533,6 @@ async fn send_c2d(
         )
             .into_response(),
         Err(e) if e.is_quota() => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => internal(e),
     }
 }

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -31,8 +30,6 @@ pub struct Metrics {
     pub refused_quota: AtomicU64,
     pub store_errors: AtomicU64,
 }
-
-pub type Stored = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
 
 pub struct Pipeline {
     store: Store,
@@ -150,7 +147,11 @@ impl Pipeline {
     /// it, so it is counted and dropped (as IoT Edge does). Otherwise the
     /// future resolves once the message is durable, or says why it was
     /// refused.
-    pub fn submit(&self, mut msg: Message) -> Result<Option<Stored>, StoreError> {
+    pub fn submit(
+        &self,
+        mut msg: Message,
+    ) -> Result<Option<impl Future<Output = Result<u64, StoreError>> + Send + 'static>, StoreError>
+    {
         self.metrics.received.fetch_add(1, Ordering::Relaxed);
         let decisions = self.routes.load().route(&msg);
         if decisions.is_empty() {
@@ -162,19 +163,22 @@ impl Pipeline {
         let now = self.store.now_ms();
         let mut targets = Vec::with_capacity(decisions.len());
         for d in decisions {
-            targets.push(Target {
-                endpoint: self.endpoint(&d.endpoint)?,
-                priority: priority_slot(d.priority),
-                // 0 means "no expiry" to the store as in the deployment.
-                expires_at_ms: match d.time_to_live_secs {
-                    Some(0) | None => 0,
-                    Some(s) => now + s as u64 * 1000,
-                },
-            });
+            // 0 means "no expiry" to the store as in the deployment.
+            let expires_at_ms = match d.time_to_live_secs {
+                Some(0) | None => 0,
+                Some(s) => now + s as u64 * 1000,
+            };
+            let endpoint = self.endpoint(&d.endpoint)?;
+            targets.push(Target::new(
+                &endpoint,
+                priority_slot(d.priority),
+                expires_at_ms,
+            ));
         }
         let append = Append::new(Arc::new(msg), targets);
         let store = self.store.clone();
-        Ok(Some(Box::pin(async move { store.append(append).await })))
+        // Not boxed here: the connection boxes it once with its packet id.
+        Ok(Some(async move { store.append(append).await }))
     }
 
     /// Counts what became of a submitted message.

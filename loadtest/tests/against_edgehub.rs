@@ -6,6 +6,15 @@ use std::time::Duration;
 use edgehub::{Config, Server};
 use edgehub_loadtest::{run, LoadConfig, Target};
 
+/// Every listener on an ephemeral loopback port, no disk floor.
+fn loopback_config(dir: &std::path::Path) -> Config {
+    let mut c = Config::for_data_dir(dir);
+    c.management_listen = "127.0.0.1:0".parse().unwrap();
+    c.mqtts_listen = "127.0.0.1:0".parse().unwrap();
+    c.store_min_free_disk = 0;
+    c
+}
+
 async fn hub() -> (
     tempfile::TempDir,
     std::net::SocketAddr,
@@ -13,11 +22,8 @@ async fn hub() -> (
     tokio::sync::oneshot::Sender<()>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Config::for_data_dir(dir.path());
-    c.management_listen = "127.0.0.1:0".parse().unwrap();
-    c.store_min_free_disk = 0;
+    let mut c = loopback_config(dir.path());
     c.mqtt_listen = Some("127.0.0.1:0".parse().unwrap());
-    c.mqtts_listen = "127.0.0.1:0".parse().unwrap();
     c.allow_anonymous = true;
     let server = Server::bind(&c).await.unwrap();
     let (plain, tls) = (server.mqtt_addr().unwrap(), server.mqtts_addr().unwrap());
@@ -154,11 +160,8 @@ async fn hold_keeps_idle_devices_connected_until_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iothub_mode_provisions_through_the_api_and_every_message_is_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = Config::for_data_dir(dir.path());
-    c.management_listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = loopback_config(dir.path());
     c.management_token = Some("load-token".into());
-    c.store_min_free_disk = 0;
-    c.mqtts_listen = "127.0.0.1:0".parse().unwrap();
     c.hostname = Some("localhost".into());
     let server = Server::bind(&c).await.unwrap();
     let tls = server.mqtts_addr().unwrap();

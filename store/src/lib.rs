@@ -249,6 +249,16 @@ pub struct Target {
     pub expires_at_ms: u64,
 }
 
+impl Target {
+    pub fn new(endpoint: &Arc<EndpointHandle>, priority: u8, expires_at_ms: u64) -> Target {
+        Target {
+            endpoint: endpoint.clone(),
+            priority,
+            expires_at_ms,
+        }
+    }
+}
+
 /// A message ready to be committed: encoded by the caller's task, so the
 /// single writer only batches.
 pub struct Append {
@@ -492,17 +502,8 @@ impl Store {
     /// checkpoints. Bodies no other endpoint holds are deleted. Entries
     /// already removed (expired meanwhile) are skipped.
     pub fn ack(&self, endpoint: &EndpointHandle, entries: &[Entry]) -> Result<usize, StoreError> {
-        let n = self.inner.remove(entries.iter().map(|e| Removal {
-            ep: endpoint.id,
-            prio: e.priority,
-            seq: e.seq,
-            targets: Some(e.targets.clone()),
-        }))?;
-        self.inner
-            .stats
-            .delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        let inner = &self.inner;
+        inner.remove_counted(&inner.stats.delivered, Removal::of(endpoint.id, entries))
     }
 
     /// Like [`Store::ack`] for a consumer that only kept `(priority, seq)`
@@ -512,17 +513,14 @@ impl Store {
         endpoint: &EndpointHandle,
         seqs: &[(u8, u64)],
     ) -> Result<usize, StoreError> {
-        let n = self.inner.remove(seqs.iter().map(|(prio, seq)| Removal {
+        let removals = seqs.iter().map(|(prio, seq)| Removal {
             ep: endpoint.id,
             prio: *prio,
             seq: *seq,
             targets: None,
-        }))?;
-        self.inner
-            .stats
-            .delivered
-            .fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
+        });
+        let inner = &self.inner;
+        inner.remove_counted(&inner.stats.delivered, removals)
     }
 
     /// Up to `max` entries of `endpoint`, in priority then sequence order,
@@ -654,6 +652,18 @@ struct Removal {
     /// The message's targets when the caller knows them; read from the
     /// record otherwise.
     targets: Option<Arc<[(u32, u8)]>>,
+}
+
+impl Removal {
+    /// Entries a reader handed out, from endpoint `ep`.
+    fn of(ep: u32, entries: &[Entry]) -> impl Iterator<Item = Removal> + '_ {
+        entries.iter().map(move |e| Removal {
+            ep,
+            prio: e.priority,
+            seq: e.seq,
+            targets: Some(e.targets.clone()),
+        })
+    }
 }
 
 impl Inner {
@@ -1007,13 +1017,17 @@ impl Inner {
 
     /// Removes entries a reader found expired; counted as expiry.
     pub(crate) fn expire_entries(&self, ep: u32, entries: &[Entry]) -> Result<usize, StoreError> {
-        let n = self.remove(entries.iter().map(|e| Removal {
-            ep,
-            prio: e.priority,
-            seq: e.seq,
-            targets: Some(e.targets.clone()),
-        }))?;
-        self.stats.expired.fetch_add(n as u64, Ordering::Relaxed);
+        self.remove_counted(&self.stats.expired, Removal::of(ep, entries))
+    }
+
+    /// [`Inner::remove`], adding how many went to `counter`.
+    fn remove_counted(
+        &self,
+        counter: &AtomicU64,
+        removals: impl Iterator<Item = Removal>,
+    ) -> Result<usize, StoreError> {
+        let n = self.remove(removals)?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use edgehub_router::{Message, SystemProperty};
 use edgehub_store::{
-    Append, Clock, Durability, EndpointHandle, Store, StoreConfig, StoreError, Table, Target,
-    ENTRY_OVERHEAD,
+    Append, Clock, Durability, Store, StoreConfig, StoreError, Table, Target, ENTRY_OVERHEAD,
 };
 
 fn config(dir: &std::path::Path) -> StoreConfig {
@@ -21,14 +20,6 @@ fn msg(body: &str) -> Arc<Message> {
             .with_system(SystemProperty::ConnectionDeviceId, "dev1")
             .with_property("n", body),
     )
-}
-
-fn to(ep: &Arc<EndpointHandle>, priority: u8, expires_at_ms: u64) -> Target {
-    Target {
-        endpoint: ep.clone(),
-        priority,
-        expires_at_ms,
-    }
 }
 
 fn append(store: &Store, body: &str, targets: Vec<Target>) -> Result<u64, StoreError> {
@@ -51,8 +42,13 @@ fn body_lives_until_every_endpoint_has_acknowledged() {
     let store = Store::open(config(dir.path())).unwrap();
     let up = store.endpoint("$upstream").unwrap();
     let m = store.endpoint("module-a").unwrap();
-    append(&store, "one", vec![to(&up, 10, 0), to(&m, 3, 0)]).unwrap();
-    append(&store, "two", vec![to(&up, 10, 0)]).unwrap();
+    append(
+        &store,
+        "one",
+        vec![Target::new(&up, 10, 0), Target::new(&m, 3, 0)],
+    )
+    .unwrap();
+    append(&store, "two", vec![Target::new(&up, 10, 0)]).unwrap();
     assert!(store.live_bytes() > 0);
 
     let got = store.peek(&up, 10).unwrap();
@@ -87,7 +83,7 @@ fn everything_survives_reopen() {
         let store = Store::open(config(dir.path())).unwrap();
         let up = store.endpoint("$upstream").unwrap();
         for i in 0..5 {
-            append(&store, &format!("m{i}"), vec![to(&up, 10, 0)]).unwrap();
+            append(&store, &format!("m{i}"), vec![Target::new(&up, 10, 0)]).unwrap();
         }
         let got = store.peek(&up, 2).unwrap();
         store.ack(&up, &got).unwrap();
@@ -109,7 +105,7 @@ fn everything_survives_reopen() {
     drop(store);
     let store = Store::open(config(dir.path())).unwrap();
     let up = store.endpoint("$upstream").unwrap();
-    let seq = append(&store, "after", vec![to(&up, 10, 0)]).unwrap();
+    let seq = append(&store, "after", vec![Target::new(&up, 10, 0)]).unwrap();
     assert!(seq > got.last().unwrap().seq);
     assert_eq!(bodies(&store.peek(&up, 10).unwrap()), ["after"]);
     let rest = store.peek(&up, 10).unwrap();
@@ -126,10 +122,10 @@ fn reader_serves_strict_priority_then_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(config(dir.path())).unwrap();
     let ep = store.endpoint("module-a").unwrap();
-    append(&store, "low1", vec![to(&ep, 10, 0)]).unwrap();
-    append(&store, "mid", vec![to(&ep, 5, 0)]).unwrap();
-    append(&store, "low2", vec![to(&ep, 10, 0)]).unwrap();
-    append(&store, "high", vec![to(&ep, 0, 0)]).unwrap();
+    append(&store, "low1", vec![Target::new(&ep, 10, 0)]).unwrap();
+    append(&store, "mid", vec![Target::new(&ep, 5, 0)]).unwrap();
+    append(&store, "low2", vec![Target::new(&ep, 10, 0)]).unwrap();
+    append(&store, "high", vec![Target::new(&ep, 0, 0)]).unwrap();
     let mut r = store.reader(ep.clone()).unwrap();
     assert!(matches!(
         store.reader(ep.clone()),
@@ -157,7 +153,7 @@ fn reader_falls_back_to_disk_when_the_live_tail_overflows_and_after_restart() {
         let ep = store.endpoint("$upstream").unwrap();
         let mut r = store.reader(ep.clone()).unwrap();
         for i in 0..10 {
-            append(&store, &format!("m{i}"), vec![to(&ep, 10, 0)]).unwrap();
+            append(&store, &format!("m{i}"), vec![Target::new(&ep, 10, 0)]).unwrap();
         }
         let b = r.try_next(3).unwrap();
         assert_eq!(
@@ -199,10 +195,13 @@ fn expired_messages_are_never_delivered_and_are_swept() {
     append(
         &store,
         "short",
-        vec![to(&a, 10, 1_001_000), to(&b, 10, 1_005_000)],
+        vec![
+            Target::new(&a, 10, 1_001_000),
+            Target::new(&b, 10, 1_005_000),
+        ],
     )
     .unwrap();
-    append(&store, "forever", vec![to(&a, 10, 0)]).unwrap();
+    append(&store, "forever", vec![Target::new(&a, 10, 0)]).unwrap();
     clock.set(1_002_000);
     // The reader skips (and removes) what expired, even before a sweep.
     let mut r = store.reader(a.clone()).unwrap();
@@ -244,7 +243,7 @@ fn budget_refuses_new_messages_and_recovers_after_draining() {
     let body = "x".repeat(300);
     let mut accepted = 0;
     let err = loop {
-        match append(&store, &body, vec![to(&ep, 10, 0)]) {
+        match append(&store, &body, vec![Target::new(&ep, 10, 0)]) {
             Ok(_) => accepted += 1,
             Err(e) => break e,
         }
@@ -260,7 +259,7 @@ fn budget_refuses_new_messages_and_recovers_after_draining() {
     assert_eq!(store.peek(&ep, 100).unwrap().len(), accepted);
     let got = store.peek(&ep, 100).unwrap();
     store.ack(&ep, &got[..1]).unwrap();
-    append(&store, &body, vec![to(&ep, 10, 0)]).unwrap();
+    append(&store, &body, vec![Target::new(&ep, 10, 0)]).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +276,7 @@ async fn concurrent_appends_are_group_committed_in_order() {
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for i in 0..200 {
-                let a = Append::new(msg(&format!("t{t}-{i}")), vec![to(&ep, 10, 0)]);
+                let a = Append::new(msg(&format!("t{t}-{i}")), vec![Target::new(&ep, 10, 0)]);
                 seqs.push(store.append(a).await.unwrap());
             }
             seqs
@@ -371,7 +370,7 @@ mod model {
                     Op::Append { targets, len } => {
                         let a = Append::new(
                             Arc::new(Message::new(vec![b'x'; len])),
-                            targets.iter().map(|(e, p, ttl)| to(&eps[*e], *p, ttl.map(|t| now + t).unwrap_or(0))).collect(),
+                            targets.iter().map(|(e, p, ttl)| Target::new(&eps[*e], *p, ttl.map(|t| now + t).unwrap_or(0))).collect(),
                         );
                         let rec = a.cost() - ENTRY_OVERHEAD * targets.len() as u64;
                         let seq = store.append_batch(&[a]).pop().unwrap().unwrap();

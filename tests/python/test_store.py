@@ -91,6 +91,30 @@ class Device:
         self.c.loop_stop()
 
 
+def receiver(hub, identity, key, topic):
+    """A device or module (`dev` or `dev/mod`) subscribed with QoS 1 to
+    `topic`; returns the client and the list its messages arrive in."""
+    got = []
+    subscribed = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=identity,
+                    protocol=mqtt.MQTTv311, reconnect_on_failure=False)
+    resource = "/modules/".join(identity.split("/"))
+    c.username_pw_set(f"{GATEWAY}/{identity}/?api-version=2021-04-12",
+                      sas(f"{GATEWAY}/devices/{resource}", key))
+    c.tls_set(ca_certs=str(hub.ca))
+    c.on_message = lambda cl, u, m: got.append(m)
+    c.on_subscribe = lambda *a: subscribed.set()
+    c.connect("localhost", hub.port("tls"), 30)
+    c.loop_start()
+    c.subscribe(topic, 1)
+    assert subscribed.wait(5)
+    return c, got
+
+
+def property_bag(topic):
+    return dict(kv.split("=", 1) for kv in topic.rsplit("/", 1)[1].split("&"))
+
+
 def wait_for(cond, timeout=20, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -314,24 +338,12 @@ def test_module_input_endpoint_delivers_in_order_after_the_module_subscribes(sta
     # No module yet: everything waits in the endpoint's queue.
     assert len(hub.outbox(endpoint=endpoint)) == 30
 
-    got = []
-    subscribed = threading.Event()
-    mod = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev1/filter",
-                      protocol=mqtt.MQTTv311, reconnect_on_failure=False)
-    mod.username_pw_set(f"{GATEWAY}/dev1/filter/?api-version=2021-04-12",
-                        sas(f"{GATEWAY}/devices/dev1/modules/filter", MOD_KEY))
-    mod.tls_set(ca_certs=str(hub.ca))
-    mod.on_message = lambda c, u, m: got.append(m)
-    mod.on_subscribe = lambda *a: subscribed.set()
-    mod.connect("localhost", hub.port("tls"), 30)
-    mod.loop_start()
-    mod.subscribe("devices/dev1/modules/filter/#", 1)
-    assert subscribed.wait(5)
+    mod, got = receiver(hub, "dev1/filter", MOD_KEY, "devices/dev1/modules/filter/#")
     wait_for(lambda: len(got) >= 30, what="30 deliveries to the module")
     assert [m.payload for m in got[:30]] == [f"r{i}".encode() for i in range(30)], "in order"
     first = got[0]
     assert first.topic.startswith("devices/dev1/modules/filter/inputs/in1/")
-    bag = dict(kv.split("=", 1) for kv in first.topic.rsplit("/", 1)[1].split("&"))
+    bag = property_bag(first.topic)
     assert bag["seq"] == "0" and bag["%24.cdid"] == "dev1"
     assert first.qos == 1
     # Acknowledged by the module (paho PUBACKs): gone from the store.
@@ -461,23 +473,12 @@ def test_cloud_to_device_messages_are_stored_until_the_device_takes_them(start_h
         hub.api("POST", "/api/devices/nobody/messages", {"body": "x"})
     assert e.value.code == 404
 
-    got = []
-    subscribed = threading.Event()
-    d = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev1", protocol=mqtt.MQTTv311,
-                    reconnect_on_failure=False)
-    d.username_pw_set(f"{GATEWAY}/dev1/?api-version=2021-04-12", sas(f"{GATEWAY}/devices/dev1", DEV_KEY))
-    d.tls_set(ca_certs=str(hub.ca))
-    d.on_message = lambda c, u, m: got.append(m)
-    d.on_subscribe = lambda *a: subscribed.set()
-    d.connect("localhost", hub.port("tls"), 30)
-    d.loop_start()
-    d.subscribe("devices/dev1/messages/devicebound/#", 1)
-    assert subscribed.wait(5)
+    d, got = receiver(hub, "dev1", DEV_KEY, "devices/dev1/messages/devicebound/#")
     wait_for(lambda: len(got) == 2, what="both C2D messages")
     assert [m.payload for m in got] == [b"reboot", b"\x00\x01"]
     topic = got[0].topic
     assert topic.startswith("devices/dev1/messages/devicebound/")
-    bag = dict(kv.split("=", 1) for kv in topic.rsplit("/", 1)[1].split("&"))
+    bag = property_bag(topic)
     assert bag["urgency"] == "high" and bag["%24.mid"] == "c2d-1"
     assert bag["%24.to"] == "%2Fdevices%2Fdev1%2Fmessages%2FdeviceBound"
     wait_for(lambda: hub.outbox(endpoint="c2d:dev1") == [], what="the C2D queue to empty")

@@ -37,10 +37,15 @@ def ca(hub):
     return hub.ca.read_text()
 
 
-def test_device_sends_telemetry_through_the_gateway(gateway):
-    cs = f"HostName={HUB};DeviceId=sdk-dev;SharedAccessKey={DEV_KEY};GatewayHostName=localhost"
-    client = IoTHubDeviceClient.create_from_connection_string(
+def device_client(gateway, key=DEV_KEY):
+    """The SDK's device client for sdk-dev, pointed at the gateway."""
+    cs = f"HostName={HUB};DeviceId=sdk-dev;SharedAccessKey={key};GatewayHostName=localhost"
+    return IoTHubDeviceClient.create_from_connection_string(
         cs, server_verification_cert=ca(gateway), connection_retry=False)
+
+
+def test_device_sends_telemetry_through_the_gateway(gateway):
+    client = device_client(gateway)
     client.connect()
     try:
         for i in range(3):
@@ -64,9 +69,7 @@ def test_device_sends_telemetry_through_the_gateway(gateway):
 
 def test_device_receives_cloud_to_device_messages(gateway):
     import queue
-    cs = f"HostName={HUB};DeviceId=sdk-dev;SharedAccessKey={DEV_KEY};GatewayHostName=localhost"
-    client = IoTHubDeviceClient.create_from_connection_string(
-        cs, server_verification_cert=ca(gateway), connection_retry=False)
+    client = device_client(gateway)
     received = queue.Queue()
     client.on_message_received = received.put
     client.connect()
@@ -106,9 +109,7 @@ def test_module_sends_to_an_output(gateway):
 
 def test_wrong_key_is_refused(gateway):
     wrong = base64.b64encode(b"not-the-right-key-0123456789abcdef").decode()
-    cs = f"HostName={HUB};DeviceId=sdk-dev;SharedAccessKey={wrong};GatewayHostName=localhost"
-    client = IoTHubDeviceClient.create_from_connection_string(
-        cs, server_verification_cert=ca(gateway), connection_retry=False)
+    client = device_client(gateway, key=wrong)
     with pytest.raises((exceptions.CredentialError, exceptions.ConnectionFailedError, exceptions.ClientError)):
         client.connect()
     client.shutdown()

@@ -298,14 +298,11 @@ impl Broker {
         let _ = self.session_store.set(store);
     }
 
-    /// Saves (or, for a non-persistent session, removes) the session record.
+    /// Saves the record of a persistent session; clean sessions (expiry 0)
+    /// have none, so their CONNECTs and SUBSCRIBEs cost no store write.
     fn save_session(&self, client_id: &str, st: &session::SessionState, disconnected_at: u64) {
-        if let Some(store) = self.session_store.get() {
-            if st.expiry_interval == 0 {
-                store.remove(client_id);
-            } else {
-                store.save(client_id, &session_record(st, disconnected_at));
-            }
+        if let (Some(store), true) = (self.session_store.get(), st.expiry_interval != 0) {
+            store.save(client_id, &session_record(st, disconnected_at));
         }
     }
 
@@ -380,11 +377,18 @@ impl Broker {
             st.connected = true;
             session.online.store(true, Ordering::Release);
             st.protocol = protocol;
+            let was_persistent = st.expiry_interval != 0;
             st.expiry_interval = expiry_interval;
             // A new connection before the will delay passed cancels the will.
             st.will = None;
             *session.kick.lock() = Some(kick.clone());
             self.save_session(&session.client_id, &st, 0);
+            if was_persistent && expiry_interval == 0 {
+                // Resumed as a clean session: it no longer outlives us.
+                if let Some(store) = self.session_store.get() {
+                    store.remove(&session.client_id);
+                }
+            }
             st.generation
         };
         let (session, generation) = match self.sessions.entry(client_id.clone()) {
@@ -451,9 +455,7 @@ impl Broker {
         session.online.store(false, Ordering::Release);
         *session.kick.lock() = None;
         let expiry = st.expiry_interval;
-        if expiry != 0 {
-            self.save_session(&session.client_id, &st, unix_now());
-        }
+        self.save_session(&session.client_id, &st, unix_now());
         let mut publish_now = None;
         if let Some(w) = will {
             let delay = will_delay(&w.will);
