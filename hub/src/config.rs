@@ -57,6 +57,11 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_IDENTITIES")]
     pub identities: Option<PathBuf>,
 
+    /// PEM file of the CAs that may sign certificates of devices registered
+    /// as `certificateAuthority` (X.509 CA-signed: subject CN = device id).
+    #[arg(long, env = "EDGEHUB_TRUST_BUNDLE")]
+    pub trust_bundle: Option<PathBuf>,
+
     /// Log filter in tracing's syntax, e.g. `info`, `edgehub=debug`.
     #[arg(long, env = "EDGEHUB_LOG", default_value = "info")]
     pub log: String,

@@ -31,6 +31,7 @@ use crate::auth::{AuthError, ConnectInfo, Principal};
 use crate::broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
 use crate::broker::topic::{parse_shared, valid_filter, valid_topic_name};
 use crate::broker::{forwarded_properties, Broker, Ending};
+use crate::iothub::services::{Handled, Services};
 use crate::iothub::telemetry::{telemetry_message, TelemetryError};
 use crate::pipeline::{enqueued_time_now, Pipeline};
 use edgehub_store::StoreError;
@@ -71,6 +72,7 @@ fn decode_close(e: &DecodeError) -> Close {
 pub async fn serve<S>(
     broker: Arc<Broker>,
     pipeline: Option<Arc<Pipeline>>,
+    services: Option<Arc<Services>>,
     stream: S,
     peer: SocketAddr,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
@@ -122,6 +124,7 @@ pub async fn serve<S>(
     let Some(mut conn) = Connection::accept(
         broker,
         pipeline,
+        services,
         *connect,
         peer,
         peer_certificates.as_deref(),
@@ -184,6 +187,8 @@ struct Connection {
     broker: Arc<Broker>,
     /// Where IoT Hub telemetry goes (routes, then the store).
     pipeline: Option<Arc<Pipeline>>,
+    /// Twin and method requests of IoT Hub identities.
+    services: Option<Arc<Services>>,
     /// Telemetry awaiting its commit, in arrival order: PUBACKs go out in
     /// the order the PUBLISHes came, while several commits are in flight.
     pending: FuturesOrdered<PendingPublish>,
@@ -217,6 +222,7 @@ impl Connection {
     async fn accept<W: AsyncWrite + Unpin>(
         broker: Arc<Broker>,
         pipeline: Option<Arc<Pipeline>>,
+        services: Option<Arc<Services>>,
         c: Connect,
         peer: SocketAddr,
         certs: Option<&[CertificateDer<'static>]>,
@@ -328,6 +334,15 @@ impl Connection {
             return None;
         }
         let principal = principal.expect("set when not refused");
+        // An IoT Hub identity's session is keyed by its name as registered,
+        // whatever the case of its client id: "Dev1" and "dev1" are one
+        // device (the second connection takes over), and replies addressed
+        // to the identity find its session.
+        let client_id = if principal.anonymous {
+            client_id
+        } else {
+            principal.name.clone()
+        };
 
         let limits = &broker.limits;
         let mut keep_alive = c.keep_alive;
@@ -390,6 +405,7 @@ impl Connection {
             tx: BytesMut::with_capacity(8192),
             broker,
             pipeline,
+            services,
             pending: FuturesOrdered::new(),
         };
         conn.send(Packet::ConnAck(ack));
@@ -751,12 +767,25 @@ impl Connection {
             }
             return Ok(());
         }
+        if !self.principal.anonymous && topic.starts_with("$iothub/") {
+            return self.on_iothub_request(qos, packet_id, &topic, payload);
+        }
         if !self.principal.anonymous {
             if let Some(pipeline) = self.pipeline.clone() {
                 let identity = self.principal.name.clone();
                 match telemetry_message(&identity, &topic, payload.clone(), &enqueued_time_now()) {
                     Err(TelemetryError::NotTelemetry(_)) => {}
-                    parsed => return self.on_telemetry(&pipeline, qos, packet_id, parsed),
+                    parsed => {
+                        // IoT Hub keeps no retained messages; it tells the
+                        // receiver the flag was set.
+                        let parsed = parsed.map(|mut m| {
+                            if retain {
+                                m.set_property("mqtt-retain", "true");
+                            }
+                            m
+                        });
+                        return self.on_telemetry(&pipeline, qos, packet_id, parsed);
+                    }
                 }
             }
         }
@@ -789,6 +818,37 @@ impl Connection {
                 }
                 self.send(Packet::PubRec(PubResp::new(packet_id, code)));
             }
+        }
+        Ok(())
+    }
+
+    /// A twin request or method answer of an IoT Hub identity: acknowledged
+    /// at once, answered on the identity's own session.
+    fn on_iothub_request(
+        &mut self,
+        qos: QoS,
+        packet_id: u16,
+        topic: &str,
+        payload: bytes::Bytes,
+    ) -> Result<(), Close> {
+        if qos == QoS::ExactlyOnce {
+            return Err(Close::protocol(
+                reason::QOS_NOT_SUPPORTED,
+                "IoT Hub topics do not support QoS 2; use QoS 0 or 1",
+            ));
+        }
+        let handled = match &self.services {
+            Some(s) => s.on_publish(&self.principal.name, topic, payload),
+            None => Handled::Unknown,
+        };
+        if handled == Handled::Unknown {
+            return Err(Close::protocol(
+                reason::TOPIC_NAME_INVALID,
+                format!("{topic:?} is not an IoT Hub request topic this gateway serves"),
+            ));
+        }
+        if qos == QoS::AtLeastOnce {
+            self.send(Packet::PubAck(PubResp::new(packet_id, reason::SUCCESS)));
         }
         Ok(())
     }

@@ -23,7 +23,26 @@
 //!   `devices/{d}/messages/devicebound/…` once the device subscribes; removed
 //!   on its PUBACK. Answers 202 once stored.
 //!
-//! `/api/*` needs `Authorization: Bearer <token>`; the token is
+//! In IoT Hub's service API shapes:
+//! - `GET /devices`, `PUT/GET/DELETE /devices/{d}` with `authentication`
+//!   (`sas` with `symmetricKey`, keys generated when absent; `selfSigned`
+//!   with `x509Thumbprint`; `certificateAuthority`); a device's modules stay
+//!   when it is replaced. `GET /devices/{d}/modules`,
+//!   `PUT/GET/DELETE /devices/{d}/modules/{m}` (keys only). Answers carry a
+//!   `connectionString` pointing at this gateway.
+//! - `GET/PATCH /twins/{d}` and `/twins/{d}/modules/{m}`: PATCH merges
+//!   `tags` and `properties.desired` (null deletes) and pushes the desired
+//!   change to the identity.
+//! - `POST /twins/{d}/methods`, `/twins/{d}/modules/{m}/methods` with
+//!   `methodName`, `payload`, `responseTimeoutInSeconds` (5-300, default 30),
+//!   `connectTimeoutInSeconds` → `{status, payload}`; 404 not connected,
+//!   504 no answer in time.
+//! - `POST /devices/{d}/messages/deviceBound`: as `/api/devices/{d}/messages`.
+//! - `PUT /deployment`: an IoT Edge deployment manifest; its `$edgeHub`
+//!   routes replace the running ones at once and are kept for restarts.
+//!   `GET /deployment`: the manifest in effect.
+//!
+//! Everything but the probes and `/metrics` needs `Authorization: Bearer <token>`; the token is
 //! `--management-token`, else the one generated into `<data-dir>/management-token`.
 //!
 //! Owns: the HTTP surface. Must not touch: storage internals (it calls the
@@ -40,13 +59,15 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 use crate::broker::Broker;
-use crate::iothub::identity::{DeviceSpec, Identities, ModuleSpec, RegistryError};
+use crate::iothub::identity::{DeviceSpec, Identities, ModuleSpec, RegistryError, X509Spec};
 use crate::pipeline::Pipeline;
 
 pub struct Management {
     pub c2d: Arc<crate::endpoints::C2dExecutors>,
+    pub services: Arc<crate::iothub::services::Services>,
     pub pipeline: Arc<Pipeline>,
     pub broker: Arc<Broker>,
     pub identities: Arc<Identities>,
@@ -84,6 +105,32 @@ pub fn router(m: Arc<Management>) -> Router {
         .route(
             "/api/identities/{device}",
             put(put_identity).delete(delete_identity),
+        )
+        .route("/twins/{device}", get(get_twin).patch(patch_twin))
+        .route(
+            "/twins/{device}/modules/{module}",
+            get(get_twin).patch(patch_twin),
+        )
+        .route("/twins/{device}/methods", post(invoke_method))
+        .route(
+            "/twins/{device}/modules/{module}/methods",
+            post(invoke_method),
+        )
+        .route("/devices/{device}/messages/deviceBound", post(send_c2d))
+        .route("/deployment", get(get_deployment).put(put_deployment))
+        .route("/devices", get(iothub_list_devices))
+        .route(
+            "/devices/{device}",
+            get(iothub_get_device)
+                .put(iothub_put_device)
+                .delete(iothub_delete_device),
+        )
+        .route("/devices/{device}/modules", get(iothub_list_modules))
+        .route(
+            "/devices/{device}/modules/{module}",
+            get(iothub_get_module)
+                .put(iothub_put_module)
+                .delete(iothub_delete_module),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             m.clone(),
@@ -283,6 +330,7 @@ struct DeviceRequest {
     device_id: Option<String>,
     primary_key: Option<String>,
     secondary_key: Option<String>,
+    x509: Option<X509Spec>,
     #[serde(default)]
     modules: Vec<ModuleRequest>,
 }
@@ -306,10 +354,17 @@ fn new_key() -> String {
 }
 
 fn spec_from(device_id: String, r: DeviceRequest) -> DeviceSpec {
+    // An X.509 device has no keys; a key device gets one if none is given.
+    let primary_key = match (&r.x509, r.primary_key) {
+        (_, Some(k)) => k,
+        (Some(_), None) => String::new(),
+        (None, None) => new_key(),
+    };
     DeviceSpec {
         device_id,
-        primary_key: r.primary_key.unwrap_or_else(new_key),
+        primary_key,
         secondary_key: r.secondary_key,
+        x509: r.x509,
         modules: r
             .modules
             .into_iter()
@@ -332,10 +387,17 @@ fn with_connection_strings(m: &Management, spec: &DeviceSpec) -> serde_json::Val
         .unwrap_or_else(|| m.gateway_hostname.clone());
     let gw = &m.gateway_hostname;
     let mut v = serde_json::to_value(spec).expect("spec serializes");
-    v["connectionString"] = format!(
-        "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
-        spec.device_id, spec.primary_key
-    )
+    v["connectionString"] = if spec.x509.is_some() {
+        format!(
+            "HostName={host};DeviceId={};x509=true;GatewayHostName={gw}",
+            spec.device_id
+        )
+    } else {
+        format!(
+            "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
+            spec.device_id, spec.primary_key
+        )
+    }
     .into();
     if let Some(mods) = v["modules"].as_array_mut() {
         for (mv, ms) in mods.iter_mut().zip(&spec.modules) {
@@ -352,6 +414,7 @@ fn with_connection_strings(m: &Management, spec: &DeviceSpec) -> serde_json::Val
 fn registry_error(e: RegistryError) -> Response {
     match e {
         RegistryError::Invalid(m) => error(StatusCode::BAD_REQUEST, m),
+        RegistryError::NotFound(m) => error(StatusCode::NOT_FOUND, m),
         RegistryError::Store(e) => internal(e),
     }
 }
@@ -535,4 +598,659 @@ async fn send_c2d(
         Err(e) if e.is_quota() => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         Err(e) => internal(e),
     }
+}
+
+/// `{device}` or `{device}/modules/{module}` from the URL, resolved to the
+/// identity's session key as registered (`Dev1` or `Dev1/filter`), or 404.
+fn registered_identity(
+    m: &Management,
+    path: &HashMap<String, String>,
+) -> Result<(String, Option<String>), Response> {
+    let device = path.get("device").map(String::as_str).unwrap_or_default();
+    let reg = m.identities.registry();
+    let Some(dev) = reg.device(device) else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no device {device:?}"),
+        ));
+    };
+    match path.get("module") {
+        None => Ok((dev.id.clone(), None)),
+        Some(module) => match dev.modules.get(&module.to_lowercase()) {
+            Some((mid, _)) => Ok((dev.id.clone(), Some(mid.clone()))),
+            None => Err(error(
+                StatusCode::NOT_FOUND,
+                format!("no module {module:?} on device {:?}", dev.id),
+            )),
+        },
+    }
+}
+
+fn session_key(device: &str, module: Option<&str>) -> String {
+    match module {
+        Some(m) => format!("{device}/{m}"),
+        None => device.to_owned(),
+    }
+}
+
+/// A twin as IoT Hub's service API shows it.
+fn twin_json(device: &str, module: Option<&str>, t: &crate::iothub::twin::Twin) -> Response {
+    let mut v = serde_json::json!({
+        "deviceId": device,
+        "tags": t.tags,
+        "properties": { "desired": t.desired, "reported": t.reported },
+    });
+    if let Some(m) = module {
+        v["moduleId"] = m.into();
+    }
+    Json(v).into_response()
+}
+
+fn twin_error(e: crate::iothub::twin::TwinError) -> Response {
+    use crate::iothub::twin::TwinError;
+    match e {
+        TwinError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        TwinError::TooLarge { .. } => error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        TwinError::Store(_) => internal(e),
+    }
+}
+
+async fn get_twin(
+    State(m): State<Arc<Management>>,
+    UrlPath(path): UrlPath<HashMap<String, String>>,
+) -> Response {
+    let (device, module) = match registered_identity(&m, &path) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let key = session_key(&device, module.as_deref());
+    let twins = m.services.twins.clone();
+    blocking(
+        move || twins.get(&key),
+        |t| twin_json(&device, module.as_deref(), &t),
+        twin_error,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TwinPatchRequest {
+    tags: Option<serde_json::Map<String, serde_json::Value>>,
+    properties: Option<TwinPatchProperties>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TwinPatchProperties {
+    desired: Option<serde_json::Map<String, serde_json::Value>>,
+    reported: Option<serde_json::Value>,
+}
+
+/// `{"tags": {…}, "properties": {"desired": {…}}}`: merged into the twin;
+/// the desired change is pushed to the identity if it is connected.
+async fn patch_twin(
+    State(m): State<Arc<Management>>,
+    UrlPath(path): UrlPath<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let (device, module) = match registered_identity(&m, &path) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let req: TwinPatchRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"tags\": {{…}}, \"properties\": {{\"desired\": {{…}}}}}}: {e}"
+                ),
+            )
+        }
+    };
+    let (desired, reported) = match req.properties {
+        Some(p) => (p.desired, p.reported),
+        None => (None, None),
+    };
+    if reported.is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "reported properties are written by the device, not through the service API",
+        );
+    }
+    let key = session_key(&device, module.as_deref());
+    let (services, tags) = (m.services.clone(), req.tags);
+    // On the twin worker, in order with the devices' own twin requests.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    m.services.run_twin_job(move || {
+        let r = services.twins.patch_desired(&key, desired, tags);
+        if let Ok((_, Some(push))) = &r {
+            services.push_desired(&key, push);
+        }
+        let _ = tx.send(r);
+    });
+    match rx.await {
+        Ok(Ok((t, _))) => twin_json(&device, module.as_deref(), &t),
+        Ok(Err(e)) => twin_error(e),
+        Err(e) => internal(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodRequest {
+    method_name: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+/// `{"methodName", "payload", "responseTimeoutInSeconds"?,
+/// "connectTimeoutInSeconds"?}` → `{"status", "payload"}` as the identity
+/// answered; 404 when it is not connected, 504 when it stays silent.
+async fn invoke_method(
+    State(m): State<Arc<Management>>,
+    UrlPath(path): UrlPath<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::iothub::methods::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
+    let (device, module) = match registered_identity(&m, &path) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let req: MethodRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"methodName\": …, \"payload\": …}}: {e}"),
+            )
+        }
+    };
+    let payload = bytes::Bytes::from(req.payload.to_string());
+    let response_timeout = req
+        .response_timeout_in_seconds
+        .unwrap_or(DEFAULT_TIMEOUT_SECS);
+    let connect_timeout = req.connect_timeout_in_seconds.unwrap_or(0);
+    if connect_timeout > MAX_TIMEOUT_SECS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("connectTimeoutInSeconds must be 0-{MAX_TIMEOUT_SECS}"),
+        );
+    }
+    let key = session_key(&device, module.as_deref());
+    let r = m
+        .services
+        .methods
+        .invoke(
+            &key,
+            &req.method_name,
+            payload,
+            std::time::Duration::from_secs(response_timeout),
+            std::time::Duration::from_secs(connect_timeout),
+        )
+        .await;
+    match r {
+        Ok(answer) => {
+            let payload = serde_json::from_slice::<serde_json::Value>(&answer.payload)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&answer.payload).into_owned().into());
+            Json(serde_json::json!({ "status": answer.status, "payload": payload })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.to_string(),
+        ),
+    }
+}
+
+// ---- Identities in IoT Hub's service API shape ----------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct SymmetricKeyJson {
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ThumbprintJson {
+    primary_thumbprint: Option<String>,
+    secondary_thumbprint: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct AuthenticationJson {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    symmetric_key: Option<SymmetricKeyJson>,
+    x509_thumbprint: Option<ThumbprintJson>,
+}
+
+/// A device or module as IoT Hub's registry API takes it; fields we do not
+/// keep (etag, status, capabilities, …) are accepted and ignored.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct IotHubIdentityJson {
+    device_id: Option<String>,
+    module_id: Option<String>,
+    authentication: Option<AuthenticationJson>,
+}
+
+/// (primary key, secondary key, X.509) from an `authentication` object;
+/// keys are generated when a SAS identity gives none.
+fn parse_authentication(
+    a: Option<AuthenticationJson>,
+    module: bool,
+) -> Result<(String, Option<String>, Option<X509Spec>), String> {
+    let a = a.unwrap_or_default();
+    let kind = a.kind.as_deref().unwrap_or("sas");
+    match kind {
+        "sas" => {
+            let k = a.symmetric_key.unwrap_or_default();
+            let primary = k
+                .primary_key
+                .filter(|k| !k.is_empty())
+                .unwrap_or_else(new_key);
+            let secondary = Some(
+                k.secondary_key
+                    .filter(|k| !k.is_empty())
+                    .unwrap_or_else(new_key),
+            );
+            Ok((primary, secondary, None))
+        }
+        "selfSigned" | "certificateAuthority" if module => {
+            Err("modules authenticate with symmetric keys only (as in IoT Edge)".into())
+        }
+        "selfSigned" => {
+            let t = a.x509_thumbprint.unwrap_or_default();
+            let Some(primary_thumbprint) = t.primary_thumbprint.filter(|t| !t.is_empty()) else {
+                return Err(
+                    "selfSigned authentication needs x509Thumbprint.primaryThumbprint".into(),
+                );
+            };
+            Ok((
+                String::new(),
+                None,
+                Some(X509Spec::SelfSigned {
+                    primary_thumbprint,
+                    secondary_thumbprint: t.secondary_thumbprint.filter(|t| !t.is_empty()),
+                }),
+            ))
+        }
+        "certificateAuthority" => Ok((String::new(), None, Some(X509Spec::CertificateAuthority))),
+        other => Err(format!(
+            "authentication type {other:?} is not one of sas, selfSigned, certificateAuthority"
+        )),
+    }
+}
+
+fn authentication_json(
+    primary: &str,
+    secondary: Option<&str>,
+    x509: Option<&X509Spec>,
+) -> serde_json::Value {
+    match x509 {
+        None => serde_json::json!({
+            "type": "sas",
+            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary },
+            "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+        }),
+        Some(X509Spec::SelfSigned {
+            primary_thumbprint,
+            secondary_thumbprint,
+        }) => serde_json::json!({
+            "type": "selfSigned",
+            "symmetricKey": { "primaryKey": null, "secondaryKey": null },
+            "x509Thumbprint": { "primaryThumbprint": primary_thumbprint, "secondaryThumbprint": secondary_thumbprint },
+        }),
+        Some(X509Spec::CertificateAuthority) => serde_json::json!({
+            "type": "certificateAuthority",
+            "symmetricKey": { "primaryKey": null, "secondaryKey": null },
+            "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+        }),
+    }
+}
+
+/// The host names for connection strings: (HostName, GatewayHostName).
+fn hosts(m: &Management) -> (String, String) {
+    let host = m
+        .identities
+        .registry()
+        .iothub_hostname
+        .clone()
+        .unwrap_or_else(|| m.gateway_hostname.clone());
+    (host, m.gateway_hostname.clone())
+}
+
+/// A device as IoT Hub's registry API shows it, plus (our addition) the
+/// connection string that points an SDK at this gateway.
+fn iothub_device_json(m: &Management, d: &DeviceSpec) -> serde_json::Value {
+    let (host, gw) = hosts(m);
+    let cs = if d.x509.is_some() {
+        format!(
+            "HostName={host};DeviceId={};x509=true;GatewayHostName={gw}",
+            d.device_id
+        )
+    } else {
+        format!(
+            "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
+            d.device_id, d.primary_key
+        )
+    };
+    serde_json::json!({
+        "deviceId": d.device_id,
+        "status": "enabled",
+        "authentication": authentication_json(&d.primary_key, d.secondary_key.as_deref(), d.x509.as_ref()),
+        "connectionString": cs,
+    })
+}
+
+fn iothub_module_json(m: &Management, device: &str, ms: &ModuleSpec) -> serde_json::Value {
+    let (host, gw) = hosts(m);
+    serde_json::json!({
+        "deviceId": device,
+        "moduleId": ms.module_id,
+        "authentication": authentication_json(&ms.primary_key, ms.secondary_key.as_deref(), None),
+        "connectionString": format!(
+            "HostName={host};DeviceId={device};ModuleId={};SharedAccessKey={};GatewayHostName={gw}",
+            ms.module_id, ms.primary_key
+        ),
+    })
+}
+
+fn not_found(what: String) -> RegistryError {
+    RegistryError::NotFound(what)
+}
+
+async fn iothub_list_devices(State(m): State<Arc<Management>>) -> Response {
+    let devices: Vec<_> = m
+        .identities
+        .registry()
+        .specs()
+        .iter()
+        .map(|d| iothub_device_json(&m, d))
+        .collect();
+    Json(devices).into_response()
+}
+
+async fn iothub_get_device(
+    State(m): State<Arc<Management>>,
+    UrlPath(device): UrlPath<String>,
+) -> Response {
+    match m.identities.registry().device(&device) {
+        Some(d) => Json(iothub_device_json(&m, &d.spec())).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
+    }
+}
+
+fn parse_identity_body(
+    body: &[u8],
+    device: &str,
+    module: Option<&str>,
+) -> Result<IotHubIdentityJson, Response> {
+    let req: IotHubIdentityJson =
+        parse_json(body).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    if req
+        .device_id
+        .as_deref()
+        .is_some_and(|d| !d.eq_ignore_ascii_case(device))
+    {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "deviceId in the body differs from the URL",
+        ));
+    }
+    if let (Some(m), Some(b)) = (module, req.module_id.as_deref()) {
+        if !b.eq_ignore_ascii_case(m) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "moduleId in the body differs from the URL",
+            ));
+        }
+    }
+    Ok(req)
+}
+
+/// Creates or replaces a device's identity; its modules stay.
+async fn iothub_put_device(
+    State(m): State<Arc<Management>>,
+    UrlPath(device): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req = match parse_identity_body(&body, &device, None) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (primary_key, secondary_key, x509) = match parse_authentication(req.authentication, false) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let m2 = m.clone();
+    blocking(
+        move || {
+            m2.identities.modify(&device, |current| {
+                let spec = DeviceSpec {
+                    device_id: current
+                        .as_ref()
+                        .map_or(device.clone(), |c| c.device_id.clone()),
+                    primary_key,
+                    secondary_key,
+                    x509,
+                    modules: current.map(|c| c.modules).unwrap_or_default(),
+                };
+                Ok((Some(spec.clone()), spec))
+            })
+        },
+        |spec| Json(iothub_device_json(&m, &spec)).into_response(),
+        registry_error,
+    )
+    .await
+}
+
+async fn iothub_delete_device(
+    State(m): State<Arc<Management>>,
+    UrlPath(device): UrlPath<String>,
+) -> Response {
+    let Some(spec) = m.identities.registry().device(&device).map(|d| d.spec()) else {
+        return error(StatusCode::NOT_FOUND, format!("no device {device:?}"));
+    };
+    let m2 = m.clone();
+    blocking(
+        move || {
+            m2.identities.delete(&spec.device_id)?;
+            // Its twins go with it.
+            let twins = &m2.services.twins;
+            let _ = twins.remove(&spec.device_id);
+            for ms in &spec.modules {
+                let _ = twins.remove(&format!("{}/{}", spec.device_id, ms.module_id));
+            }
+            Ok::<_, RegistryError>(())
+        },
+        |()| StatusCode::NO_CONTENT.into_response(),
+        registry_error,
+    )
+    .await
+}
+
+async fn iothub_list_modules(
+    State(m): State<Arc<Management>>,
+    UrlPath(device): UrlPath<String>,
+) -> Response {
+    match m.identities.registry().device(&device) {
+        Some(d) => {
+            let spec = d.spec();
+            let v: Vec<_> = spec
+                .modules
+                .iter()
+                .map(|ms| iothub_module_json(&m, &spec.device_id, ms))
+                .collect();
+            Json(v).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
+    }
+}
+
+async fn iothub_get_module(
+    State(m): State<Arc<Management>>,
+    UrlPath((device, module)): UrlPath<(String, String)>,
+) -> Response {
+    let Some(d) = m.identities.registry().device(&device).map(|d| d.spec()) else {
+        return error(StatusCode::NOT_FOUND, format!("no device {device:?}"));
+    };
+    match d
+        .modules
+        .iter()
+        .find(|ms| ms.module_id.eq_ignore_ascii_case(&module))
+    {
+        Some(ms) => Json(iothub_module_json(&m, &d.device_id, ms)).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no module {module:?} on device {:?}", d.device_id),
+        ),
+    }
+}
+
+async fn iothub_put_module(
+    State(m): State<Arc<Management>>,
+    UrlPath((device, module)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req = match parse_identity_body(&body, &device, Some(&module)) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let (primary_key, secondary_key, _) = match parse_authentication(req.authentication, true) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let m2 = m.clone();
+    blocking(
+        move || {
+            m2.identities.modify(&device, |current| {
+                let Some(mut spec) = current else {
+                    return Err(not_found(format!("no device {device:?}")));
+                };
+                let ms = ModuleSpec {
+                    module_id: spec
+                        .modules
+                        .iter()
+                        .find(|x| x.module_id.eq_ignore_ascii_case(&module))
+                        .map_or(module.clone(), |x| x.module_id.clone()),
+                    primary_key,
+                    secondary_key,
+                };
+                spec.modules
+                    .retain(|x| !x.module_id.eq_ignore_ascii_case(&module));
+                spec.modules.push(ms.clone());
+                let device_id = spec.device_id.clone();
+                Ok((Some(spec), (device_id, ms)))
+            })
+        },
+        |(device_id, ms)| Json(iothub_module_json(&m, &device_id, &ms)).into_response(),
+        registry_error,
+    )
+    .await
+}
+
+async fn iothub_delete_module(
+    State(m): State<Arc<Management>>,
+    UrlPath((device, module)): UrlPath<(String, String)>,
+) -> Response {
+    let m2 = m.clone();
+    blocking(
+        move || {
+            let removed = m2.identities.modify(&device, |current| {
+                let Some(mut spec) = current else {
+                    return Err(not_found(format!("no device {device:?}")));
+                };
+                let Some(ms) = spec
+                    .modules
+                    .iter()
+                    .find(|x| x.module_id.eq_ignore_ascii_case(&module))
+                    .cloned()
+                else {
+                    return Err(not_found(format!(
+                        "no module {module:?} on device {device:?}"
+                    )));
+                };
+                spec.modules.retain(|x| x.module_id != ms.module_id);
+                let key = format!("{}/{}", spec.device_id, ms.module_id);
+                Ok((Some(spec), key))
+            })?;
+            let _ = m2.services.twins.remove(&removed);
+            Ok::<_, RegistryError>(())
+        },
+        |()| StatusCode::NO_CONTENT.into_response(),
+        registry_error,
+    )
+    .await
+}
+
+// ---- Deployment --------------------------------------------------------------
+
+/// The deployment in effect: the manifest last PUT (or the `--routes` file).
+async fn get_deployment(State(m): State<Arc<Management>>) -> Response {
+    let store = m.pipeline.store().clone();
+    blocking(
+        move || store.get(edgehub_store::Table::Config, crate::server::DEPLOYMENT_KEY),
+        |raw| match raw.and_then(|r| serde_json::from_slice::<serde_json::Value>(&r).ok()) {
+            Some(doc) => Json(doc).into_response(),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no deployment yet; the default route {:?} is in effect",
+                    crate::pipeline::DEFAULT_ROUTE
+                ),
+            ),
+        },
+        internal,
+    )
+    .await
+}
+
+/// An IoT Edge deployment manifest (`modulesContent` with `$edgeHub`
+/// desired properties): its routes replace the running ones at once (no
+/// connection is dropped) and it is kept for restarts. An invalid manifest
+/// is refused with every error, positioned, and changes nothing.
+async fn put_deployment(State(m): State<Arc<Management>>, body: axum::body::Bytes) -> Response {
+    let doc: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("deployment is not JSON: {e}"),
+            )
+        }
+    };
+    let table = match crate::pipeline::routes_from_deployment(&doc) {
+        Ok(t) => t,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let routes: Vec<_> = table
+        .routes()
+        .iter()
+        .map(|r| serde_json::json!({ "name": r.name, "route": r.text }))
+        .collect();
+    let (m2, raw) = (m.clone(), body.to_vec());
+    blocking(
+        move || {
+            m2.pipeline.store().put(
+                edgehub_store::Table::Config,
+                crate::server::DEPLOYMENT_KEY,
+                &raw,
+            )?;
+            m2.pipeline.routes().replace(table);
+            Ok::<_, edgehub_store::StoreError>(())
+        },
+        |()| {
+            tracing::info!(routes = routes.len(), "deployment applied");
+            Json(serde_json::json!({ "routes": routes })).into_response()
+        },
+        internal,
+    )
+    .await
 }

@@ -87,16 +87,23 @@ pub fn load_routes(path: Option<&Path>) -> Result<RouteTable, RoutesFileError> {
             path: path.to_owned(),
             source,
         })?;
-    let desired = crate::routes_cli::edge_hub_desired(&doc);
-    let mut table =
-        RouteTable::from_edge_hub_desired(desired).map_err(|errors| RoutesFileError::Invalid {
-            path: path.to_owned(),
-            message: errors
-                .iter()
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>()
-                .join("; "),
-        })?;
+    routes_from_deployment(&doc).map_err(|message| RoutesFileError::Invalid {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// The route table of a deployment manifest (or of `$edgeHub` desired
+/// properties alone); every route error, positioned, joined by "; ".
+pub fn routes_from_deployment(doc: &serde_json::Value) -> Result<RouteTable, String> {
+    let desired = crate::routes_cli::edge_hub_desired(doc);
+    let mut table = RouteTable::from_edge_hub_desired(desired).map_err(|errors| {
+        errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
     if table.default_ttl_secs.is_none() {
         table.default_ttl_secs = Some(DEFAULT_TTL_SECS);
     }
@@ -245,4 +252,51 @@ pub fn enqueued_time_now() -> String {
     let t = time::OffsetDateTime::from(now);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// IoT Hub wills: a device's will on its telemetry topic is sent as
+/// telemetry (routed and stored like any message), marked with the
+/// application property `iothub-MessageType=Will`, as IoT Hub does.
+pub struct WillsAsTelemetry(pub Arc<Pipeline>);
+
+impl crate::broker::WillSink for WillsAsTelemetry {
+    fn take(&self, w: &crate::broker::session::PendingWill) -> bool {
+        if w.principal.anonymous {
+            return false;
+        }
+        let parsed = crate::iothub::telemetry::telemetry_message(
+            &w.principal.name,
+            &w.will.topic,
+            w.will.payload.clone(),
+            &enqueued_time_now(),
+        );
+        let mut msg = match parsed {
+            Err(crate::iothub::telemetry::TelemetryError::NotTelemetry(_)) => return false,
+            Err(e) => {
+                tracing::info!(identity = %w.principal.name, error = %e, "will not sent");
+                return true;
+            }
+            Ok(m) => m,
+        };
+        msg.set_property("iothub-MessageType", "Will");
+        if w.will.retain {
+            msg.set_property("mqtt-retain", "true");
+        }
+        let who = w.principal.name.clone();
+        match self.0.submit(msg) {
+            Ok(Some(stored)) => {
+                let pipeline = self.0.clone();
+                tokio::spawn(async move {
+                    let r = stored.await;
+                    pipeline.record_outcome(&r);
+                    if let Err(e) = r {
+                        tracing::warn!(identity = %who, error = %e, "will not stored");
+                    }
+                });
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(identity = %who, error = %e, "will not stored"),
+        }
+        true
+    }
 }

@@ -43,13 +43,21 @@ pub enum ServerError {
     Token(std::io::Error),
     #[error("identity registry: {0}")]
     Registry(String),
+    #[error("the stored deployment no longer loads ({0}); PUT a new one or start with --routes")]
+    StoredDeployment(String),
+    #[error(transparent)]
+    TrustBundle(#[from] crate::iothub::x509::TrustBundleError),
 }
+
+/// Key of the current deployment manifest in the store's config table.
+pub const DEPLOYMENT_KEY: &[u8] = b"deployment";
 
 pub struct Server {
     broker: Arc<Broker>,
     identities: Arc<crate::iothub::identity::Identities>,
     gateway_hostname: String,
     pipeline: Arc<Pipeline>,
+    services: Arc<crate::iothub::services::Services>,
     management: Option<TcpListener>,
     management_token: String,
     mqtt: Option<TcpListener>,
@@ -151,8 +159,7 @@ impl Server {
                 crate::management::ensure_token(&config.data_dir).map_err(ServerError::Token)?
             }
         };
-        let routes = crate::pipeline::load_routes(config.routes.as_deref())?;
-        info!(routes = routes.routes().len(), "routes loaded");
+        let mut routes = crate::pipeline::load_routes(config.routes.as_deref())?;
         let mut store_cfg = edgehub_store::StoreConfig::new(config.data_dir.join("store"));
         store_cfg.durability = match config.durability {
             DurabilityArg::Fsync => edgehub_store::Durability::Fsync,
@@ -180,6 +187,34 @@ impl Server {
                 path: config.data_dir.join("store"),
                 source,
             })?;
+        // The deployment: a --routes file is configuration and wins (and is
+        // kept as the current deployment); otherwise the last one PUT
+        // through the management API; otherwise the default route.
+        let store_err = |source| ServerError::Store {
+            path: config.data_dir.join("store"),
+            source,
+        };
+        match &config.routes {
+            Some(path) => {
+                let text = std::fs::read(path).unwrap_or_default();
+                store
+                    .put(edgehub_store::Table::Config, DEPLOYMENT_KEY, &text)
+                    .map_err(store_err)?;
+            }
+            None => {
+                if let Some(raw) = store
+                    .get(edgehub_store::Table::Config, DEPLOYMENT_KEY)
+                    .map_err(store_err)?
+                {
+                    let doc: serde_json::Value = serde_json::from_slice(&raw)
+                        .map_err(|e| ServerError::StoredDeployment(e.to_string()))?;
+                    routes = crate::pipeline::routes_from_deployment(&doc)
+                        .map_err(ServerError::StoredDeployment)?;
+                    info!("deployment restored from the store");
+                }
+            }
+        }
+        info!(routes = routes.routes().len(), "routes loaded");
         let retained_store = Arc::new(StoreRetained(store.clone()));
         let seed = match &config.identities {
             Some(path) => Some(crate::iothub::Registry::load(path)?),
@@ -197,11 +232,15 @@ impl Server {
                 "--allow-anonymous: clients without credentials may connect; while no identity exists they may use any topic, otherwise only non-IoT Hub topics"
             );
         }
-        let auth = Arc::new(crate::iothub::IotHubAuth::new(
+        let mut auth = crate::iothub::IotHubAuth::new(
             identities.clone(),
             &config.hostname(),
             config.allow_anonymous,
-        ));
+        );
+        if let Some(path) = &config.trust_bundle {
+            auth = auth.with_trust_bundle(crate::iothub::x509::TrustBundle::load(path)?);
+        }
+        let auth = Arc::new(auth);
         let broker = Broker::new(Limits::from_config(config), auth.clone(), auth);
         let retained: Vec<(String, Vec<u8>)> = retained
             .into_iter()
@@ -237,8 +276,14 @@ impl Server {
                 "retained messages restored"
             );
         }
+        broker.set_will_sink(Arc::new(crate::pipeline::WillsAsTelemetry(
+            pipeline.clone(),
+        )));
+        let twins = Arc::new(crate::iothub::twin::Twins::new(pipeline.store().clone()));
+        let services = crate::iothub::services::Services::new(broker.clone(), twins);
         Ok(Server {
             broker,
+            services,
             identities,
             gateway_hostname: config.hostname(),
             pipeline,
@@ -284,6 +329,7 @@ impl Server {
         if let Some(l) = self.management.take() {
             let app = crate::management::router(Arc::new(crate::management::Management {
                 c2d: c2d.clone(),
+                services: self.services.clone(),
                 pipeline: self.pipeline.clone(),
                 broker: self.broker.clone(),
                 identities: self.identities.clone(),
@@ -311,6 +357,7 @@ impl Server {
                 None,
                 self.broker.clone(),
                 self.pipeline.clone(),
+                self.services.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -321,6 +368,7 @@ impl Server {
                 Some(a),
                 self.broker.clone(),
                 self.pipeline.clone(),
+                self.services.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -433,6 +481,7 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
+    services: Arc<crate::iothub::services::Services>,
     shutdown: watch::Receiver<bool>,
     tracker: Arc<Tracker>,
 ) {
@@ -450,11 +499,12 @@ async fn accept_loop(
         let guard = Guard(tracker.clone());
         let broker = broker.clone();
         let pipeline = pipeline.clone();
+        let services = services.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            serve_tcp(tcp, peer, tls, broker, pipeline, shutdown).await;
+            serve_tcp(tcp, peer, tls, broker, pipeline, services, shutdown).await;
         });
     }
 }
@@ -465,12 +515,15 @@ async fn serve_tcp(
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
+    services: Arc<crate::iothub::services::Services>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let pipeline = Some(pipeline);
+    let (pipeline, services) = (Some(pipeline), Some(services));
     match tls {
-        None => crate::connection::serve(broker, pipeline, tcp, peer, None, shutdown).await,
+        None => {
+            crate::connection::serve(broker, pipeline, services, tcp, peer, None, shutdown).await
+        }
         Some(acceptor) => {
             let timeout = broker.limits.connect_timeout;
             let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -489,7 +542,8 @@ async fn serve_tcp(
                 .1
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            crate::connection::serve(broker, pipeline, stream, peer, certs, shutdown).await
+            crate::connection::serve(broker, pipeline, services, stream, peer, certs, shutdown)
+                .await
         }
     }
 }

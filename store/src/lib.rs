@@ -3,7 +3,7 @@
 //! Owns: every accepted message until each endpoint it was routed to has it
 //! (one body per message, one queue per endpoint and priority, a durable
 //! checkpoint per queue), time-to-live expiry, the disk budget, group commit,
-//! and small tables for sessions, retained messages, twins and identities.
+//! and small tables for sessions, retained messages, twins, identities and run-time configuration.
 //! Must not touch: the network, routing decisions (it stores what the router
 //! decided), protocol encodings.
 //!
@@ -15,7 +15,7 @@
 //! - `endpoints`: name → id
 //! - `meta`: live byte count (a merge counter, so it commits with its batch)
 //!   and the sequence high-water mark
-//! - `sessions`, `retained`, `twins`, `identities`: see [`Table`].
+//! - `sessions`, `retained`, `twins`, `identities`, `config`: see [`Table`].
 //!
 //! A message is acknowledged to its sender only after [`Store::append`]
 //! returns, i.e. after its batch is in the WAL (synced with
@@ -170,6 +170,8 @@ pub enum Table {
     Retained,
     Twins,
     Identities,
+    /// Hub configuration set at run time (the deployment manifest).
+    Config,
 }
 
 impl Table {
@@ -179,6 +181,7 @@ impl Table {
             Table::Retained => "retained",
             Table::Twins => "twins",
             Table::Identities => "identities",
+            Table::Config => "config",
         }
     }
 }
@@ -371,6 +374,7 @@ impl Store {
             ColumnFamilyDescriptor::new(Table::Retained.cf(), plain()),
             ColumnFamilyDescriptor::new(Table::Twins.cf(), plain()),
             ColumnFamilyDescriptor::new(Table::Identities.cf(), plain()),
+            ColumnFamilyDescriptor::new(Table::Config.cf(), plain()),
         ];
         let db = DB::open_cf_descriptors(&opts, &cfg.path, cfs)?;
 

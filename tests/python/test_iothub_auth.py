@@ -121,3 +121,67 @@ def test_connection_closed_when_its_token_expires(iothub):
     assert time.time() - started >= 1.5
     assert "SAS token expired" in iothub.log()
     c.c.loop_stop()
+
+
+def test_twin_replies_reach_only_the_asking_device(iothub):
+    """`$iothub/twin/res/#` is the same filter for every device: a reply must
+    go to the device that asked, never to another one listening there."""
+    a = device(iothub, "dev1", sas(f"{GATEWAY}/devices/dev1", DEV_KEY), version=5)
+    b = device(iothub, "dev2", sas(f"{GATEWAY}/devices/dev2", DEV_KEY), version=5)
+    a.connect()
+    b.connect()
+    for c in (a, b):
+        assert [r.value for r in c.subscribe("$iothub/twin/res/#", 1)] == [1]
+    a.publish("$iothub/twin/GET/?$rid=7", b"", qos=1)
+    m = a.get()
+    assert m.topic == "$iothub/twin/res/200/?$rid=7"
+    assert json.loads(m.payload) == {"desired": {"$version": 1}, "reported": {"$version": 1}}
+    a.publish("$iothub/twin/PATCH/properties/reported/?$rid=8", b'{"temp": 21}', qos=1)
+    assert a.get().topic == "$iothub/twin/res/204/?$rid=8&$version=2"
+    # Bad patches get 400 with a reason, and change nothing.
+    a.publish("$iothub/twin/PATCH/properties/reported/?$rid=9", b"not json", qos=1)
+    m = a.get()
+    assert m.topic == "$iothub/twin/res/400/?$rid=9" and "JSON" in json.loads(m.payload)["message"]
+    a.publish("$iothub/twin/GET/?$rid=10", b"", qos=1)
+    assert json.loads(a.get().payload)["reported"] == {"temp": 21, "$version": 2}
+    b.assert_no_message()
+    # dev2's twin is its own.
+    b.publish("$iothub/twin/GET/?$rid=1", b"", qos=1)
+    assert json.loads(b.get().payload)["reported"] == {"$version": 1}
+    a.assert_no_message()
+    # Nobody may publish replies, or push desired properties, themselves.
+    a.publish("$iothub/twin/res/200/?$rid=1", b"{}", qos=1)
+    b.assert_no_message()
+    assert "publish not authorized" in iothub.log()
+    a.disconnect()
+    b.disconnect()
+
+
+def test_oversized_telemetry_is_refused_with_a_reason(iothub):
+    dev = device(iothub, "dev1", sas(f"{GATEWAY}/devices/dev1", DEV_KEY), version=5)
+    dev.connect()
+    dev.c.publish("devices/dev1/messages/events/", b"x" * (256 * 1024 + 1), 1)
+    rc, props = dev.disconnects.get(timeout=5)
+    assert rc.value == 0x95  # Packet too large
+    assert "exceeds the maximum" in props.ReasonString
+    dev.c.loop_stop()
+    assert iothub.outbox() == []
+
+
+def test_will_is_sent_as_telemetry_and_retain_becomes_a_property(iothub):
+    import base64
+    c = Client(iothub, "dev1", version=3, transport="tls",
+               username=f"{GATEWAY}/dev1/?api-version=2021-04-12",
+               password=sas(f"{GATEWAY}/devices/dev1", DEV_KEY),
+               will={"topic": "devices/dev1/messages/events/state=lost", "payload": b"gone", "qos": 1})
+    c.connect()
+    c.publish("devices/dev1/messages/events/", b"sticky", qos=1, retain=True)
+    c.kill()  # no DISCONNECT: the will goes out
+    deadline = time.time() + 10
+    while len(iothub.outbox()) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    out = iothub.outbox()
+    assert [base64.b64decode(m["body"]) for m in out] == [b"sticky", b"gone"]
+    assert out[0]["properties"] == {"mqtt-retain": "true"}
+    assert out[1]["properties"] == {"state": "lost", "iothub-MessageType": "Will"}
+    assert out[1]["system_properties"]["connectionDeviceId"] == "dev1"

@@ -34,6 +34,12 @@ pub trait RetainedStore: Send + Sync + 'static {
     fn remove(&self, topic: &str);
 }
 
+/// Takes wills that are not MQTT messages for subscribers but something
+/// else to the layer above (IoT Hub: telemetry). Returns whether it took it.
+pub trait WillSink: Send + Sync + 'static {
+    fn take(&self, will: &PendingWill) -> bool;
+}
+
 /// Where persistent sessions (expiry interval above zero) are kept across
 /// restarts: their subscriptions and expiry. Called under the session's
 /// lock, so records reach it in order; it must be quick.
@@ -229,6 +235,7 @@ pub struct Broker {
     retained: RwLock<HashMap<String, Arc<Message>>>,
     retained_store: std::sync::OnceLock<Arc<dyn RetainedStore>>,
     session_store: std::sync::OnceLock<Arc<dyn SessionStore>>,
+    will_sink: std::sync::OnceLock<Arc<dyn WillSink>>,
 }
 
 impl Broker {
@@ -248,6 +255,7 @@ impl Broker {
             retained: RwLock::new(HashMap::new()),
             retained_store: std::sync::OnceLock::new(),
             session_store: std::sync::OnceLock::new(),
+            will_sink: std::sync::OnceLock::new(),
         })
     }
 
@@ -335,6 +343,11 @@ impl Broker {
             }
         }
         let _ = self.retained_store.set(store);
+    }
+
+    /// Hands wills to `sink` first from now on (set once).
+    pub fn set_will_sink(&self, sink: Arc<dyn WillSink>) {
+        let _ = self.will_sink.set(sink);
     }
 
     pub fn retained_count(&self) -> usize {
@@ -542,6 +555,9 @@ impl Broker {
                 "will not published: not authorized");
             return;
         }
+        if self.will_sink.get().is_some_and(|s| s.take(&w)) {
+            return;
+        }
         let (mut properties, expiry) = forwarded_properties(w.will.properties);
         if !properties.is_empty() {
             properties.will_delay_interval = None;
@@ -646,6 +662,54 @@ impl Broker {
         queued
     }
 
+    /// Queues `msg` for one session only, as an IoT Hub reply or push to a
+    /// single identity (twin responses, desired patches, method requests):
+    /// those topics are the same for every device, so they must never go
+    /// through the shared subscription index. Delivered only if the session
+    /// subscribed to a matching filter; at the lower of the two QoS levels.
+    pub fn deliver_to(&self, client_id: &str, msg: Arc<Message>) -> Targeted {
+        let Some(session) = self.sessions.get(client_id).map(|s| s.clone()) else {
+            return Targeted::NoSession;
+        };
+        let (qos, connected) = {
+            let st = session.state.lock();
+            let qos = st
+                .subscriptions
+                .iter()
+                .filter(|(f, _)| topic::matches(f, &msg.topic))
+                .map(|(_, (o, _))| o.qos)
+                .max();
+            (qos, st.connected)
+        };
+        let Some(qos) = qos else {
+            return Targeted::NotSubscribed;
+        };
+        let d = Delivery {
+            qos: qos.min(msg.qos),
+            message: msg,
+            retain: false,
+            subscription_ids: Vec::new(),
+        };
+        if session.enqueue(d, self.limits.max_queued_messages) {
+            if connected {
+                Targeted::Queued
+            } else {
+                Targeted::QueuedOffline
+            }
+        } else if connected {
+            Targeted::QueueFull
+        } else {
+            Targeted::Offline
+        }
+    }
+
+    /// Whether the session `client_id` has a connection right now.
+    pub fn is_connected(&self, client_id: &str) -> bool {
+        self.sessions
+            .get(client_id)
+            .is_some_and(|s| s.online.load(Ordering::Acquire))
+    }
+
     /// Round-robin over the group, preferring connected members.
     fn pick_shared(
         &self,
@@ -715,6 +779,21 @@ impl Broker {
             .cloned()
             .collect()
     }
+}
+
+/// What became of a message for one session ([`Broker::deliver_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Targeted {
+    /// Queued for a connected session.
+    Queued,
+    /// Queued in a persistent session whose client is away.
+    QueuedOffline,
+    NoSession,
+    NotSubscribed,
+    /// The client is away and the message was QoS 0 (nobody to take it).
+    Offline,
+    /// The session's queue is full.
+    QueueFull,
 }
 
 /// A session (by client id) and the subscription that matched.

@@ -5,14 +5,17 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::auth::{AuthError, Authenticator, Authorizer, ConnectInfo, Principal};
 
-use super::identity::{Identities, Registry};
+use super::identity::{Identities, Registry, X509Spec};
 use super::sas::SasToken;
+use super::x509::TrustBundle;
 
 /// Authenticates devices and modules by SAS token and confines each to its
 /// own IoT Hub topics. With `allow_anonymous`, clients that present no
 /// credentials are still let in for generic topics (development only).
 pub struct IotHubAuth {
     identities: Arc<Identities>,
+    /// CAs for CA-signed X.509 devices.
+    trust_bundle: Arc<TrustBundle>,
     /// Our host name; the IoT Hub's comes from the registry.
     gateway_hostname: String,
     allow_anonymous: bool,
@@ -26,9 +29,79 @@ impl IotHubAuth {
     ) -> IotHubAuth {
         IotHubAuth {
             identities,
+            trust_bundle: Arc::default(),
             gateway_hostname: gateway_hostname.to_owned(),
             allow_anonymous,
         }
+    }
+
+    /// CAs that may vouch for CA-signed X.509 devices.
+    pub fn with_trust_bundle(mut self, bundle: TrustBundle) -> IotHubAuth {
+        self.trust_bundle = Arc::new(bundle);
+        self
+    }
+
+    /// A device presenting a TLS client certificate and no token.
+    fn authenticate_x509(
+        &self,
+        dev: &super::identity::Device,
+        chain: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> Result<Principal, AuthError> {
+        let refuse = |why: String| {
+            Err(AuthError::NotAuthorized(format!(
+                "device {}: {why}",
+                dev.id
+            )))
+        };
+        let Some(x509) = &dev.x509 else {
+            return refuse("authenticates with a SAS token, not a client certificate".into());
+        };
+        let info = match super::x509::inspect(&chain[0]) {
+            Ok(i) => i,
+            Err(e) => return refuse(e),
+        };
+        let now = now() as i64;
+        if let Err(e) = info.check_validity(now) {
+            return refuse(e);
+        }
+        match x509 {
+            X509Spec::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => {
+                let known = std::iter::once(primary_thumbprint).chain(secondary_thumbprint);
+                if !known.into_iter().any(|t| info.has_thumbprint(t)) {
+                    return refuse(format!(
+                        "certificate thumbprint (SHA-1 {}, SHA-256 {}) is neither of the registered ones",
+                        info.sha1, info.sha256
+                    ));
+                }
+            }
+            X509Spec::CertificateAuthority => {
+                if !info
+                    .common_name
+                    .as_deref()
+                    .is_some_and(|cn| same(cn, &dev.id))
+                {
+                    return refuse(format!(
+                        "certificate subject CN {:?} is not the device id",
+                        info.common_name.as_deref().unwrap_or("")
+                    ));
+                }
+                let t = rustls_pki_types::UnixTime::since_unix_epoch(
+                    std::time::Duration::from_secs(now.max(0) as u64),
+                );
+                if let Err(e) = self.trust_bundle.verify(chain, t) {
+                    return refuse(e);
+                }
+            }
+        }
+        Ok(Principal {
+            name: dev.id.as_str().into(),
+            anonymous: false,
+            // Closed when the certificate expires, like a token.
+            valid_until: Some(info.not_after.max(0) as u64),
+        })
     }
 
     /// A host a token or username may name: ours or the IoT Hub's.
@@ -127,6 +200,24 @@ impl Authenticator for IotHubAuth {
                 "unknown device {device:?}"
             )));
         };
+        let password = info.password.filter(|p| !p.is_empty());
+        if password.is_none() {
+            if let Some(chain) = info.peer_certificates.filter(|c| !c.is_empty()) {
+                if module.is_some() {
+                    return Err(AuthError::NotAuthorized(format!(
+                        "module {}: modules authenticate with SAS tokens only, not client certificates",
+                        info.client_id
+                    )));
+                }
+                return self.authenticate_x509(dev, chain);
+            }
+        }
+        if module.is_none() && dev.x509.is_some() {
+            return Err(AuthError::NotAuthorized(format!(
+                "device {} authenticates with an X.509 client certificate, not a SAS token",
+                dev.id
+            )));
+        }
         let (name, mut keys) = match module {
             None => (dev.id.clone(), dev.keys.all()),
             Some(m) => match dev.modules.get(&m.to_lowercase()) {
@@ -142,13 +233,9 @@ impl Authenticator for IotHubAuth {
         if module.is_some() {
             keys.extend(dev.keys.all());
         }
-        let Some(password) = info.password.filter(|p| !p.is_empty()) else {
+        let Some(password) = password else {
             return Err(AuthError::NotAuthorized(
-                if info.peer_certificates.is_some() {
-                    "X.509 client certificates are not supported yet".into()
-                } else {
-                    "no SAS token in the password".into()
-                },
+                "no SAS token in the password and no client certificate".into(),
             ));
         };
         let token = std::str::from_utf8(password)

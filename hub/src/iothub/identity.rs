@@ -23,15 +23,53 @@ struct FileSpec {
 }
 
 /// A device as the identities file, the store and the management API spell it.
+/// It authenticates with symmetric keys (`primaryKey`, `secondaryKey`) or,
+/// when `x509` is set, with a TLS client certificate (then it has no keys).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeviceSpec {
     pub device_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub primary_key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secondary_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509Spec>,
     #[serde(default)]
     pub modules: Vec<ModuleSpec>,
+}
+
+/// How an X.509 device proves who it is, as IoT Hub's registry has it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum X509Spec {
+    /// The certificate's SHA-1 or SHA-256 thumbprint (hex) is one of these.
+    #[serde(rename_all = "camelCase")]
+    SelfSigned {
+        primary_thumbprint: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secondary_thumbprint: Option<String>,
+    },
+    /// The certificate chains to the configured trust bundle and its
+    /// subject CN is the device id.
+    CertificateAuthority,
+}
+
+/// A thumbprint as people paste it (any case, optional `:`) → lower-case
+/// hex of 40 (SHA-1) or 64 (SHA-256) digits.
+pub fn normalize_thumbprint(t: &str) -> Result<String, String> {
+    let hex: String = t
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if (hex.len() == 40 || hex.len() == 64) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(format!(
+            "thumbprint {t:?} is not 40 (SHA-1) or 64 (SHA-256) hex digits"
+        ))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,9 +98,11 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// The keys a token may be signed with (none for an X.509 device).
     pub fn all(&self) -> Vec<&str> {
         std::iter::once(self.primary.as_str())
             .chain(self.secondary.as_deref())
+            .filter(|k| !k.is_empty())
             .collect()
     }
 }
@@ -71,6 +111,7 @@ impl Keys {
 pub struct Device {
     pub id: String,
     pub keys: Keys,
+    pub x509: Option<X509Spec>,
     pub modules: HashMap<String, (String, Keys)>,
 }
 
@@ -90,6 +131,7 @@ impl Device {
             device_id: self.id.clone(),
             primary_key: self.keys.primary.clone(),
             secondary_key: self.keys.secondary.clone(),
+            x509: self.x509.clone(),
             modules,
         }
     }
@@ -156,10 +198,32 @@ impl Registry {
             return Err(format!("invalid device id {:?}", d.device_id));
         }
         {
-            check_key(p, &d.device_id, &d.primary_key).map_err(bad)?;
-            if let Some(k) = &d.secondary_key {
-                check_key(p, &d.device_id, k).map_err(bad)?;
-            }
+            let x509 = match d.x509 {
+                None => {
+                    check_key(p, &d.device_id, &d.primary_key).map_err(bad)?;
+                    if let Some(k) = &d.secondary_key {
+                        check_key(p, &d.device_id, k).map_err(bad)?;
+                    }
+                    None
+                }
+                Some(_) if !d.primary_key.is_empty() || d.secondary_key.is_some() => {
+                    return Err(format!(
+                        "device {}: authenticates with keys or with X.509, not both",
+                        d.device_id
+                    ));
+                }
+                Some(X509Spec::SelfSigned {
+                    primary_thumbprint,
+                    secondary_thumbprint,
+                }) => Some(X509Spec::SelfSigned {
+                    primary_thumbprint: normalize_thumbprint(&primary_thumbprint)?,
+                    secondary_thumbprint: secondary_thumbprint
+                        .as_deref()
+                        .map(normalize_thumbprint)
+                        .transpose()?,
+                }),
+                Some(X509Spec::CertificateAuthority) => Some(X509Spec::CertificateAuthority),
+            };
             let mut modules = HashMap::new();
             for m in d.modules {
                 let who = format!("{}/{}", d.device_id, m.module_id);
@@ -192,6 +256,7 @@ impl Registry {
                         primary: d.primary_key,
                         secondary: d.secondary_key,
                     },
+                    x509,
                     modules,
                 },
             );
@@ -256,6 +321,8 @@ pub struct Identities {
 pub enum RegistryError {
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Store(#[from] edgehub_store::StoreError),
 }
@@ -323,6 +390,33 @@ impl Identities {
         }
         self.current.store(Arc::new(next));
         Ok(())
+    }
+
+    /// Changes one device under the writers' lock: `change` gets the device
+    /// as it is (if registered) and returns what it should become, or `None`
+    /// to leave the registry as it is.
+    pub fn modify<T>(
+        &self,
+        device_id: &str,
+        change: impl FnOnce(Option<DeviceSpec>) -> Result<(Option<DeviceSpec>, T), RegistryError>,
+    ) -> Result<T, RegistryError> {
+        let _w = self.write.lock();
+        let current = self.current.load().device(device_id).map(Device::spec);
+        let (next_spec, out) = change(current)?;
+        let Some(spec) = next_spec else {
+            return Ok(out);
+        };
+        let mut next = Registry::clone(&self.current.load());
+        next.insert(spec.clone()).map_err(RegistryError::Invalid)?;
+        if let Some(store) = &self.store {
+            store.put(
+                edgehub_store::Table::Identities,
+                spec.device_id.to_lowercase().as_bytes(),
+                &serde_json::to_vec(&spec).expect("spec serializes"),
+            )?;
+        }
+        self.current.store(Arc::new(next));
+        Ok(out)
     }
 
     /// Removes a device and its modules; `false` when there was none.

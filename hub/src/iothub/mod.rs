@@ -6,13 +6,17 @@
 //! may use, and turning its telemetry topics into the shared `Message`
 //! (`telemetry`; the connection hands that to `pipeline`, which routes and
 //! stores it). Must not touch: the wire (connection/codec) or message storage.
-//! Not yet here (issue 3): identities in the store and the management API
-//! (they come from a JSON file for now), X.509, C2D, twins, methods.
+//! `twin` keeps twin documents, `methods` the direct-method calls in flight,
+//! and `services` answers the `$iothub/…` request topics of a connection.
 
 pub mod auth;
 pub mod identity;
+pub mod methods;
 pub mod sas;
+pub mod services;
 pub mod telemetry;
+pub mod twin;
+pub mod x509;
 
 pub use auth::IotHubAuth;
 pub use identity::{IdentityError, Registry};
