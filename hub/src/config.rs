@@ -57,6 +57,23 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_IDENTITIES")]
     pub identities: Option<PathBuf>,
 
+    /// The parent: Azure IoT Hub's MQTT endpoint or another edgehub, as
+    /// `mqtts://host:port`. Messages routed to `$upstream` are forwarded
+    /// there, each over a connection of the identity that sent it (signed
+    /// with that identity's key). Without it the hub is the root and keeps
+    /// `$upstream` messages for local consumers (the outbox API).
+    #[arg(long, env = "EDGEHUB_UPSTREAM")]
+    pub upstream: Option<String>,
+
+    /// PEM file of the CA(s) the parent's TLS certificate must chain to.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_CA", requires = "upstream")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Host name put in upstream usernames and token audiences (the IoT
+    /// Hub's, e.g. myhub.azure-devices.net). Default: the --upstream host.
+    #[arg(long, env = "EDGEHUB_IOTHUB_HOSTNAME", requires = "upstream")]
+    pub iothub_hostname: Option<String>,
+
     /// PEM file of the CAs that may sign certificates of devices registered
     /// as `certificateAuthority` (X.509 CA-signed: subject CN = device id).
     #[arg(long, env = "EDGEHUB_TRUST_BUNDLE")]
@@ -131,7 +148,7 @@ pub struct Config {
     #[arg(
         long,
         env = "EDGEHUB_MANAGEMENT_LISTEN",
-        default_value = "127.0.0.1:8787"
+        default_value = "127.0.0.1:8080"
     )]
     pub management_listen: SocketAddr,
 

@@ -447,6 +447,13 @@ impl Connection {
             });
             tokio::select! {
                 _ = kick.notified() => {
+                    if session.revoked.load(Ordering::Acquire) {
+                        return Close {
+                            reason: Some(reason::NOT_AUTHORIZED),
+                            ending: Ending::Normal,
+                            why: "identity deleted from the registry".into(),
+                        };
+                    }
                     return Close {
                         reason: Some(reason::SESSION_TAKEN_OVER),
                         ending: Ending::PublishWill,

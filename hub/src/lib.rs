@@ -16,6 +16,7 @@
 //! - [`pipeline`]: IoT Hub telemetry → routes → store; PUBACK once durable.
 //! - [`endpoints`]: executors delivering stored messages to module inputs.
 //! - [`management`]: the HTTP management API (outbox, metrics, health).
+//! - [`upstream`]: the `$upstream` executor forwarding to IoT Hub or a parent edgehub.
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
 //!
 //! The wire format lives in the `edgehub-codec` crate.
@@ -31,6 +32,7 @@ pub mod pipeline;
 pub mod routes_cli;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::Server;

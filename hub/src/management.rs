@@ -206,7 +206,7 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
     let s = &m.broker.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     out.push_str(&format!(
-        "# HELP edgehub_connections Open MQTT connections.\n# TYPE edgehub_connections gauge\nedgehub_connections {}\n",
+        "# HELP edgehub_connected_clients Open MQTT connections.\n# TYPE edgehub_connected_clients gauge\nedgehub_connected_clients {}\n",
         load(&s.connections)
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
@@ -502,13 +502,31 @@ async fn delete_identity(
     State(m): State<Arc<Management>>,
     UrlPath(device): UrlPath<String>,
 ) -> Response {
-    let (m2, d2) = (m.clone(), device.clone());
+    delete_device(m, device).await
+}
+
+/// Removes a device and its modules from the registry, closes their
+/// connections (ending their sessions) and forgets their twins.
+async fn delete_device(m: Arc<Management>, device: String) -> Response {
+    let Some(spec) = m.identities.registry().device(&device).map(|d| d.spec()) else {
+        return error(StatusCode::NOT_FOUND, format!("no device {device:?}"));
+    };
+    let m2 = m.clone();
     blocking(
-        move || m2.identities.delete(&d2),
-        |found| match found {
-            true => StatusCode::NO_CONTENT.into_response(),
-            false => error(StatusCode::NOT_FOUND, format!("no device {device:?}")),
+        move || {
+            m2.identities.delete(&spec.device_id)?;
+            let identities = std::iter::once(spec.device_id.clone()).chain(
+                spec.modules
+                    .iter()
+                    .map(|ms| format!("{}/{}", spec.device_id, ms.module_id)),
+            );
+            for identity in identities {
+                m2.broker.revoke(&identity);
+                let _ = m2.services.twins.remove(&identity);
+            }
+            Ok::<_, RegistryError>(())
         },
+        |()| StatusCode::NO_CONTENT.into_response(),
         registry_error,
     )
     .await
@@ -527,6 +545,9 @@ struct C2dRequest {
     content_encoding: Option<String>,
     ttl_secs: Option<u64>,
 }
+
+/// Cloud-to-device messages one device may have waiting (IoT Hub: 50).
+const C2D_MAX_QUEUED: usize = 50;
 
 /// IoT Hub's default time-to-live for cloud-to-device messages.
 const C2D_DEFAULT_TTL_SECS: u64 = 3600;
@@ -581,6 +602,22 @@ async fn send_c2d(
         Err(e) => return internal(e),
     };
     let store = m.pipeline.store();
+    // IoT Hub's per-device queue bound: a device that never collects its
+    // messages cannot fill the disk with them.
+    let (s2, h2) = (store.clone(), handle.clone());
+    match tokio::task::spawn_blocking(move || s2.peek(&h2, C2D_MAX_QUEUED + 1)).await {
+        Ok(Ok(queued)) if queued.len() >= C2D_MAX_QUEUED => {
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "DeviceMaximumQueueDepthExceeded: device {dev:?} already has {C2D_MAX_QUEUED} cloud-to-device messages waiting"
+                ),
+            )
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return internal(e),
+        Err(e) => return internal(e),
+    }
     let ttl = req.ttl_secs.unwrap_or(C2D_DEFAULT_TTL_SECS);
     let expires_at_ms = if ttl == 0 {
         0
@@ -605,26 +642,26 @@ async fn send_c2d(
 fn registered_identity(
     m: &Management,
     path: &HashMap<String, String>,
-) -> Result<(String, Option<String>), Response> {
+) -> Result<(String, Option<String>), ApiError> {
     let device = path.get("device").map(String::as_str).unwrap_or_default();
     let reg = m.identities.registry();
     let Some(dev) = reg.device(device) else {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            format!("no device {device:?}"),
-        ));
+        return Err((StatusCode::NOT_FOUND, format!("no device {device:?}")));
     };
     match path.get("module") {
         None => Ok((dev.id.clone(), None)),
         Some(module) => match dev.modules.get(&module.to_lowercase()) {
             Some((mid, _)) => Ok((dev.id.clone(), Some(mid.clone()))),
-            None => Err(error(
+            None => Err((
                 StatusCode::NOT_FOUND,
                 format!("no module {module:?} on device {:?}", dev.id),
             )),
         },
     }
 }
+
+/// A refusal before any work: status and message (answered by [`error`]).
+type ApiError = (StatusCode, String);
 
 fn session_key(device: &str, module: Option<&str>) -> String {
     match module {
@@ -661,7 +698,7 @@ async fn get_twin(
 ) -> Response {
     let (device, module) = match registered_identity(&m, &path) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let key = session_key(&device, module.as_deref());
     let twins = m.services.twins.clone();
@@ -696,7 +733,7 @@ async fn patch_twin(
 ) -> Response {
     let (device, module) = match registered_identity(&m, &path) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let req: TwinPatchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -758,7 +795,7 @@ async fn invoke_method(
     use crate::iothub::methods::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
     let (device, module) = match registered_identity(&m, &path) {
         Ok(x) => x,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let req: MethodRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -991,24 +1028,23 @@ fn parse_identity_body(
     body: &[u8],
     device: &str,
     module: Option<&str>,
-) -> Result<IotHubIdentityJson, Response> {
-    let req: IotHubIdentityJson =
-        parse_json(body).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+) -> Result<IotHubIdentityJson, ApiError> {
+    let req: IotHubIdentityJson = parse_json(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     if req
         .device_id
         .as_deref()
         .is_some_and(|d| !d.eq_ignore_ascii_case(device))
     {
-        return Err(error(
+        return Err((
             StatusCode::BAD_REQUEST,
-            "deviceId in the body differs from the URL",
+            "deviceId in the body differs from the URL".into(),
         ));
     }
     if let (Some(m), Some(b)) = (module, req.module_id.as_deref()) {
         if !b.eq_ignore_ascii_case(m) {
-            return Err(error(
+            return Err((
                 StatusCode::BAD_REQUEST,
-                "moduleId in the body differs from the URL",
+                "moduleId in the body differs from the URL".into(),
             ));
         }
     }
@@ -1023,7 +1059,7 @@ async fn iothub_put_device(
 ) -> Response {
     let req = match parse_identity_body(&body, &device, None) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let (primary_key, secondary_key, x509) = match parse_authentication(req.authentication, false) {
         Ok(a) => a,
@@ -1055,25 +1091,7 @@ async fn iothub_delete_device(
     State(m): State<Arc<Management>>,
     UrlPath(device): UrlPath<String>,
 ) -> Response {
-    let Some(spec) = m.identities.registry().device(&device).map(|d| d.spec()) else {
-        return error(StatusCode::NOT_FOUND, format!("no device {device:?}"));
-    };
-    let m2 = m.clone();
-    blocking(
-        move || {
-            m2.identities.delete(&spec.device_id)?;
-            // Its twins go with it.
-            let twins = &m2.services.twins;
-            let _ = twins.remove(&spec.device_id);
-            for ms in &spec.modules {
-                let _ = twins.remove(&format!("{}/{}", spec.device_id, ms.module_id));
-            }
-            Ok::<_, RegistryError>(())
-        },
-        |()| StatusCode::NO_CONTENT.into_response(),
-        registry_error,
-    )
-    .await
+    delete_device(m, device).await
 }
 
 async fn iothub_list_modules(
@@ -1121,7 +1139,7 @@ async fn iothub_put_module(
 ) -> Response {
     let req = match parse_identity_body(&body, &device, Some(&module)) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err((status, why)) => return error(status, why),
     };
     let (primary_key, secondary_key, _) = match parse_authentication(req.authentication, true) {
         Ok(a) => a,
@@ -1181,6 +1199,7 @@ async fn iothub_delete_module(
                 let key = format!("{}/{}", spec.device_id, ms.module_id);
                 Ok((Some(spec), key))
             })?;
+            m2.broker.revoke(&removed);
             let _ = m2.services.twins.remove(&removed);
             Ok::<_, RegistryError>(())
         },

@@ -240,6 +240,23 @@ impl Pipeline {
         );
         let _ = writeln!(
             out,
+            "# HELP edgehub_queue_length Messages waiting per endpoint and priority (10: schema 1.0 routes).\n# TYPE edgehub_queue_length gauge"
+        );
+        for ep in self.store.endpoints() {
+            let name = ep.name().replace('\\', "\\\\").replace('"', "\\\"");
+            for p in 0..=edgehub_store::LOWEST_PRIORITY {
+                let n = ep.queue_length(p);
+                // Queues never used stay out of the exposition.
+                if n > 0 || ep.checkpoint(p) > 0 {
+                    let _ = writeln!(
+                        out,
+                        "edgehub_queue_length{{endpoint=\"{name}\",priority=\"{p}\"}} {n}"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
             "# HELP edgehub_store_bytes Bytes of messages held, as counted against --store-max-bytes.\n# TYPE edgehub_store_bytes gauge\nedgehub_store_bytes {}",
             self.store.live_bytes()
         );

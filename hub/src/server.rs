@@ -46,6 +46,8 @@ pub enum ServerError {
     #[error("the stored deployment no longer loads ({0}); PUT a new one or start with --routes")]
     StoredDeployment(String),
     #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamConfigError),
+    #[error(transparent)]
     TrustBundle(#[from] crate::iothub::x509::TrustBundleError),
 }
 
@@ -58,6 +60,7 @@ pub struct Server {
     gateway_hostname: String,
     pipeline: Arc<Pipeline>,
     services: Arc<crate::iothub::services::Services>,
+    upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
     management: Option<TcpListener>,
     management_token: String,
     mqtt: Option<TcpListener>,
@@ -281,9 +284,18 @@ impl Server {
         )));
         let twins = Arc::new(crate::iothub::twin::Twins::new(pipeline.store().clone()));
         let services = crate::iothub::services::Services::new(broker.clone(), twins);
+        let upstream = match &config.upstream {
+            Some(url) => Some(Arc::new(crate::upstream::UpstreamConfig::new(
+                url,
+                config.upstream_ca.as_deref(),
+                config.iothub_hostname.as_deref(),
+            )?)),
+            None => None,
+        };
         Ok(Server {
             broker,
             services,
+            upstream,
             identities,
             gateway_hostname: config.hostname(),
             pipeline,
@@ -347,6 +359,7 @@ impl Server {
                 self.broker.clone(),
                 self.pipeline.clone(),
                 self.identities.clone(),
+                self.upstream.clone(),
                 rx,
                 self.shutdown.subscribe(),
             )));
@@ -406,13 +419,27 @@ async fn supervise_endpoints(
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
     identities: Arc<crate::iothub::identity::Identities>,
+    upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
     mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
     shutdown: watch::Receiver<bool>,
 ) {
     use edgehub_router::Endpoint;
     let start = |ep: Endpoint, handle: Arc<edgehub_store::EndpointHandle>| {
-        let Endpoint::ModuleInput { module, input } = ep else {
-            return;
+        let (module, input) = match ep {
+            Endpoint::ModuleInput { module, input } => (module, input),
+            Endpoint::Upstream => {
+                // Without an upstream the queue is the outbox.
+                if let Some(cfg) = &upstream {
+                    tokio::spawn(crate::upstream::run(
+                        pipeline.store().clone(),
+                        handle,
+                        identities.clone(),
+                        cfg.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                return;
+            }
         };
         match identities.registry().module_owner(&module) {
             Some((device, module)) => {

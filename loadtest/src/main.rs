@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, conflicts_with = "provision")]
     connection_strings: Option<PathBuf>,
     /// IoT Hub mode with devices created first through edgehub's management
-    /// API at this URL (e.g. http://127.0.0.1:8787), named <client-prefix>-<i>.
+    /// API at this URL (e.g. http://127.0.0.1:8080), named <client-prefix>-<i>.
     #[arg(long, requires = "management_token")]
     provision: Option<String>,
     /// Bearer token for --provision (edgehub: <data-dir>/management-token).

@@ -199,6 +199,8 @@ pub struct EndpointHandle {
     id: u32,
     name: String,
     checkpoints: [AtomicU64; PRIORITIES],
+    /// Entries held per priority (counted at open, then kept up to date).
+    queued: [AtomicI64; PRIORITIES],
     live: [Mutex<LiveQueue>; PRIORITIES],
     notify: tokio::sync::Notify,
     reader_taken: AtomicBool,
@@ -216,6 +218,13 @@ impl std::fmt::Debug for EndpointHandle {
 impl EndpointHandle {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Entries held in the queue of `priority` (expired ones until swept).
+    pub fn queue_length(&self, priority: u8) -> u64 {
+        self.queued[priority as usize]
+            .load(Ordering::Relaxed)
+            .max(0) as u64
     }
 
     /// Last sequence number removed in order from the queue of `priority`.
@@ -420,6 +429,21 @@ impl Store {
             max_id = max_id.max(id);
             endpoints.insert(name, h.clone());
             by_id.insert(id, h);
+        }
+        // Queue lengths: one pass over the queue keys (no values needed
+        // beyond the key; a million entries take a fraction of a second).
+        for item in db.iterator_cf(db.cf_handle(CF_QUEUES).expect("cf"), IteratorMode::Start) {
+            let (k, _) = item?;
+            if k.len() != 13 {
+                continue;
+            }
+            let ep = u32::from_be_bytes(k[..4].try_into().expect("4 bytes"));
+            if let Some(q) = by_id
+                .get(&ep)
+                .and_then(|h: &Arc<EndpointHandle>| h.queued.get(k[4] as usize))
+            {
+                q.fetch_add(1, Ordering::Relaxed);
+            }
         }
 
         let inner = Arc::new(Inner {
@@ -634,6 +658,7 @@ fn new_handle(id: u32, name: String, next_seq: u64) -> EndpointHandle {
         id,
         name,
         checkpoints: std::array::from_fn(|_| AtomicU64::new(0)),
+        queued: std::array::from_fn(|_| AtomicI64::new(0)),
         live: std::array::from_fn(|_| {
             Mutex::new(LiveQueue {
                 entries: Default::default(),
@@ -783,6 +808,7 @@ impl Inner {
         for (item, r) in items.iter().zip(&results) {
             let Ok(seq) = r else { continue };
             for t in &item.targets {
+                t.endpoint.queued[t.priority as usize].fetch_add(1, Ordering::Relaxed);
                 t.endpoint.push_live(
                     Entry {
                         seq: *seq,
@@ -864,6 +890,7 @@ impl Inner {
         let mut batch = WriteBatch::default();
         let mut gone: HashSet<(u32, u64)> = HashSet::new();
         let mut touched: BTreeMap<(u32, u8), u64> = BTreeMap::new();
+        let mut removed_per_queue: HashMap<(u32, u8), i64> = HashMap::new();
         let mut freed = 0u64;
         let mut removed = 0;
         for r in removals {
@@ -880,6 +907,7 @@ impl Inner {
                 batch.delete_cf(expiry, keys::expiry(expires_at_ms, r.ep, r.prio, r.seq));
             }
             gone.insert((r.ep, r.seq));
+            *removed_per_queue.entry((r.ep, r.prio)).or_insert(0i64) += 1;
             let top = touched.entry((r.ep, r.prio)).or_insert(0);
             *top = (*top).max(r.seq);
             freed += ENTRY_OVERHEAD;
@@ -923,6 +951,11 @@ impl Inner {
 
         let mut cp_batch = WriteBatch::default();
         let by_id = self.by_id.lock();
+        for (&(ep, prio), &n) in &removed_per_queue {
+            if let Some(h) = by_id.get(&ep) {
+                h.queued[prio as usize].fetch_sub(n, Ordering::Relaxed);
+            }
+        }
         for ((ep, prio), top) in touched {
             let Some(h) = by_id.get(&ep) else { continue };
             let old = h.checkpoint(prio);

@@ -422,3 +422,33 @@ mod model {
         }
     }
 }
+
+#[test]
+fn queue_lengths_follow_appends_and_removals_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(config(dir.path())).unwrap();
+        let up = store.endpoint("$upstream").unwrap();
+        let m = store.endpoint("module-a").unwrap();
+        for i in 0..5 {
+            let prio = if i < 2 { 0 } else { 10 };
+            append(
+                &store,
+                &format!("m{i}"),
+                vec![Target::new(&up, prio, 0), Target::new(&m, 3, 0)],
+            )
+            .unwrap();
+        }
+        assert_eq!((up.queue_length(0), up.queue_length(10)), (2, 3));
+        assert_eq!(m.queue_length(3), 5);
+        let first = store.peek(&up, 1).unwrap();
+        store.ack(&up, &first).unwrap();
+        store.ack(&up, &first).unwrap(); // twice: counted once
+        assert_eq!((up.queue_length(0), up.queue_length(10)), (1, 3));
+    }
+    let store = Store::open(config(dir.path())).unwrap();
+    let up = store.endpoint("$upstream").unwrap();
+    let m = store.endpoint("module-a").unwrap();
+    assert_eq!((up.queue_length(0), up.queue_length(10)), (1, 3));
+    assert_eq!(m.queue_length(3), 5);
+}

@@ -107,3 +107,32 @@ def test_deployment_routes_apply_live_and_survive_restarts(start_hub):
     wait_for(lambda: len(hub.outbox()) == 3, what="three stored messages")
     assert bodies(hub.outbox()) == [b"before", b"kept", b"after restart"]
     dev.disconnect()
+
+
+def test_deleting_a_device_closes_its_connection(start_hub):
+    hub = start_hub(allow_anonymous=False)
+    d = hub.api("PUT", "/devices/gone", {})
+    key = d["authentication"]["symmetricKey"]["primaryKey"]
+    m = hub.api("PUT", "/devices/gone/modules/mod", {})
+    dev = connect(hub, "gone", key)
+    mod = connect(hub, "gone/mod", m["authentication"]["symmetricKey"]["primaryKey"])
+    hub.api("DELETE", "/devices/gone")
+    for c in (dev, mod):
+        rc, props = c.disconnects.get(timeout=5)
+        assert rc.value == 0x87 and "deleted" in props.ReasonString
+        c.c.loop_stop()
+    again = Client(hub, "gone", version=5, transport="tls",
+                   username=f"{GATEWAY}/gone/?api-version=2021-04-12",
+                   password=sas(f"{GATEWAY}/devices/gone", key))
+    rc, _, _ = again.connect(expect_success=False)
+    assert rc.value == 0x87
+
+
+def test_cloud_to_device_queue_is_bounded_per_device(start_hub):
+    hub = start_hub(allow_anonymous=False)
+    hub.api("PUT", "/devices/sleepy", {})
+    for i in range(50):
+        hub.api("POST", "/devices/sleepy/messages/deviceBound", {"body": f"m{i}"})
+    code, err = status_of(hub, "POST", "/devices/sleepy/messages/deviceBound", {"body": "one too many"})
+    assert code == 403 and "DeviceMaximumQueueDepthExceeded" in err["error"]
+    assert len(hub.outbox(endpoint="c2d:sleepy")) == 50

@@ -392,6 +392,7 @@ impl Broker {
             st.protocol = protocol;
             let was_persistent = st.expiry_interval != 0;
             st.expiry_interval = expiry_interval;
+            session.revoked.store(false, Ordering::Release);
             // A new connection before the will delay passed cancels the will.
             st.will = None;
             *session.kick.lock() = Some(kick.clone());
@@ -467,7 +468,12 @@ impl Broker {
         st.connected = false;
         session.online.store(false, Ordering::Release);
         *session.kick.lock() = None;
-        let expiry = st.expiry_interval;
+        // A deleted identity's session ends with its connection.
+        let expiry = if session.revoked.load(Ordering::Acquire) {
+            0
+        } else {
+            st.expiry_interval
+        };
         self.save_session(&session.client_id, &st, unix_now());
         let mut publish_now = None;
         if let Some(w) = will {
@@ -701,6 +707,23 @@ impl Broker {
         } else {
             Targeted::Offline
         }
+    }
+
+    /// Closes the connection of `client_id` because its identity was deleted
+    /// (MQTT 5: DISCONNECT 0x87) and ends its session. Returns whether a
+    /// session existed.
+    pub fn revoke(&self, client_id: &str) -> bool {
+        let Some(session) = self.sessions.get(client_id).map(|s| s.clone()) else {
+            return false;
+        };
+        session.revoked.store(true, Ordering::Release);
+        if let Some(k) = session.kick.lock().take() {
+            k.notify_one();
+        }
+        // Offline: ends now. Connected: ends when its connection closes.
+        let generation = session.state.lock().generation;
+        self.remove_session(&session, generation);
+        true
     }
 
     /// Whether the session `client_id` has a connection right now.

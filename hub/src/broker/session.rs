@@ -131,6 +131,9 @@ pub struct Session {
     /// Mirrors `SessionState::connected` for shared-subscription picking,
     /// which runs on every matching publish and should not take the mutex.
     pub online: AtomicBool,
+    /// Set (with a kick) when the identity behind the session is no longer
+    /// allowed in, so the connection closes as "not authorized".
+    pub revoked: AtomicBool,
 }
 
 impl Session {
@@ -153,6 +156,7 @@ impl Session {
             wake: Notify::new(),
             kick: Mutex::new(None),
             online: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
         }
     }
 

@@ -1,0 +1,131 @@
+"""Two real edgehub processes, child and parent, on loopback with TLS: the
+child forwards its `$upstream` queue to the parent over one connection per
+downstream identity, keeps everything through a parent outage (and a kill -9
+of its own), and backs off instead of hammering a parent that refuses it."""
+
+import base64
+import json
+import signal
+import socket
+
+import pytest
+
+from test_iothub_auth import DEV_KEY
+from test_store import Device, bodies, wait_for
+
+HUB = "myhub.azure-devices.net"
+MOD_KEY = base64.b64encode(b"upstream-module-key-0123456789ab").decode()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def pair(start_hub, tmp_path):
+    ids = tmp_path / "identities.json"
+    ids.write_text(json.dumps({"iothubHostname": HUB, "devices": [
+        {"deviceId": "leaf1", "primaryKey": DEV_KEY},
+        {"deviceId": "leaf2", "primaryKey": DEV_KEY,
+         "modules": [{"moduleId": "m", "primaryKey": MOD_KEY}]}]}))
+    port = free_port()
+
+    def parent():
+        return start_hub("--identities", str(ids), name="parent", allow_anonymous=False,
+                         mqtts=f"127.0.0.1:{port}")
+
+    def child(*extra, hostname=HUB, ca=None):
+        return start_hub("--identities", str(ids), "--upstream", f"mqtts://localhost:{port}",
+                         "--upstream-ca", str(ca or tmp_path / "parent" / "ca.pem"),
+                         "--iothub-hostname", hostname, *extra, name="child", allow_anonymous=False)
+    return parent, child
+
+
+def send(hub, device_id, n, start=0, props="kind=t"):
+    d = Device(hub, device_id)
+    for i in range(start, start + n):
+        d.c.publish(f"devices/{device_id}/messages/events/{props}&n={i}", f"{device_id}-{i}".encode(), 1)
+    wait_for(lambda: len(d.acked) == n, what=f"{n} PUBACKs from the child")
+    d.stop()
+
+
+def by_device(messages):
+    out = {}
+    for m in messages:
+        out.setdefault(m["system_properties"]["connectionDeviceId"], []).append(
+            base64.b64decode(m["body"]).decode())
+    return out
+
+
+def test_child_forwards_with_each_identity_and_properties(pair):
+    parent = pair[0]()
+    child = pair[1]()
+    send(child, "leaf1", 10)
+    send(child, "leaf2", 5)
+    wait_for(lambda: len(parent.outbox()) == 15, what="15 messages at the parent")
+    out = parent.outbox()
+    assert by_device(out) == {"leaf1": [f"leaf1-{i}" for i in range(10)],
+                              "leaf2": [f"leaf2-{i}" for i in range(5)]}
+    m = out[0]
+    assert m["properties"]["kind"] == "t"
+    assert "connectionModuleId" not in m["system_properties"]
+    # Forwarded means acknowledged by the parent: gone from the child.
+    wait_for(lambda: child.outbox() == [], what="the child's queue to empty")
+    assert child.metrics()['edgehub_queue_length{endpoint="$upstream",priority="10"}'] == 0
+    assert parent.metrics()['edgehub_queue_length{endpoint="$upstream",priority="10"}'] == 15
+
+
+def test_parent_outage_and_child_kill_lose_nothing_and_keep_order(pair):
+    parent = pair[0]()
+    child = pair[1]()
+    send(child, "leaf1", 5)
+    wait_for(lambda: len(parent.outbox()) == 5, what="the first five upstream")
+    parent.stop(signal.SIGKILL)
+    send(child, "leaf1", 20, start=5)   # acknowledged by the child: stored
+    send(child, "leaf2", 10)
+    assert len(child.outbox()) == 30
+    assert "upstream link down" in child.log()
+    child.stop(signal.SIGKILL)          # and the child crashes meanwhile
+    child = pair[1]()
+    parent = pair[0]()
+    wait_for(lambda: len(parent.outbox()) == 35, timeout=60, what="the backlog to drain")
+    got = by_device(parent.outbox())
+    # At least once, in order per device (a duplicate may only repeat a
+    # message the parent acknowledged just before the kill).
+    leaf1 = list(dict.fromkeys(got["leaf1"]))
+    assert leaf1 == [f"leaf1-{i}" for i in range(25)]
+    assert list(dict.fromkeys(got["leaf2"])) == [f"leaf2-{i}" for i in range(10)]
+    wait_for(lambda: child.outbox() == [], what="the child's queue to empty")
+    assert "upstream link up" in child.log()
+
+
+def test_refusing_parent_gets_backoff_not_a_storm_and_nothing_is_lost(pair):
+    import time
+    parent = pair[0]()
+    # Tokens for a host name the parent does not know: every CONNECT refused.
+    child = pair[1](hostname="wrong.example")
+    send(child, "leaf1", 3)
+    time.sleep(4)
+    refusals = parent.log().count("connection refused")
+    assert 1 <= refusals <= 8, f"{refusals} connection attempts in 4 s"
+    assert "bad user name or password" in child.log() or "upstream refused" in child.log()
+    assert child.log().count("upstream link down") == 1, "one log line per state change"
+    assert len(child.outbox()) == 3
+    assert parent.outbox() == []
+
+
+def test_parent_certificate_that_does_not_verify_is_a_clear_error(pair, tmp_path):
+    import time
+    parent = pair[0]()
+    # Trust some other CA instead of the parent's.
+    import certs
+    wrong_ca = certs.write(tmp_path, "wrong-ca", *certs.make_cert("not the parent's CA", ca=True))[0]
+    child = pair[1](ca=wrong_ca)
+    send(child, "leaf1", 2)
+    time.sleep(2)
+    log = child.log()
+    assert "upstream link down" in log and "TLS handshake" in log
+    assert "UnknownIssuer" in log or "certificate" in log.lower()
+    assert len(child.outbox()) == 2 and parent.outbox() == []
