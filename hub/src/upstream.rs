@@ -550,7 +550,7 @@ mod tests {
         }
         assert_eq!(last, BACKOFF_MAX);
         b.succeeded();
-        assert_eq!(b.failed() <= BACKOFF_MIN.mul_f64(1.25), true);
+        assert!(b.failed() <= BACKOFF_MIN.mul_f64(1.25));
     }
 
     #[test]
