@@ -1,6 +1,10 @@
 //! The management API over HTTP (loopback or cluster-internal only).
 //!
 //! - `GET /healthz`, `GET /readyz`: liveness and readiness, no token.
+//!   `/readyz` is 200 whenever devices can be served (the store absorbs an
+//!   upstream outage, so a down link must not take the hub out of a
+//!   Service) and says `{"ready": true, "upstream": {"state", "since",
+//!   "reason"?}}` (`upstream` is `null` for a root hub).
 //! - `GET /metrics`: Prometheus text, no token (counters only, no secrets).
 //! - `GET /api/outbox?endpoint=$upstream&max=100`: the oldest stored
 //!   messages of an endpoint's queue (priority, then arrival order), without
@@ -68,6 +72,8 @@ use crate::pipeline::Pipeline;
 pub struct Management {
     pub c2d: Arc<crate::endpoints::C2dExecutors>,
     pub services: Arc<crate::iothub::services::Services>,
+    /// The upstream link's state, when there is an upstream.
+    pub upstream: Option<Arc<crate::upstream::UpstreamStatus>>,
     pub pipeline: Arc<Pipeline>,
     pub broker: Arc<Broker>,
     pub identities: Arc<Identities>,
@@ -138,7 +144,7 @@ pub fn router(m: Arc<Management>) -> Router {
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(m)
@@ -200,9 +206,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+async fn readyz(State(m): State<Arc<Management>>) -> Response {
+    let upstream = m.upstream.as_ref().map(|u| u.to_json());
+    Json(serde_json::json!({ "ready": true, "upstream": upstream })).into_response()
+}
+
 async fn metrics(State(m): State<Arc<Management>>) -> Response {
     let mut out = String::new();
     m.pipeline.render_metrics(&mut out);
+    if let Some(u) = &m.upstream {
+        u.render_metrics(&mut out);
+    }
     let s = &m.broker.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     out.push_str(&format!(

@@ -61,6 +61,7 @@ pub struct Server {
     pipeline: Arc<Pipeline>,
     services: Arc<crate::iothub::services::Services>,
     upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
+    upstream_status: Arc<crate::upstream::UpstreamStatus>,
     management: Option<TcpListener>,
     management_token: String,
     mqtt: Option<TcpListener>,
@@ -296,6 +297,7 @@ impl Server {
             broker,
             services,
             upstream,
+            upstream_status: Arc::default(),
             identities,
             gateway_hostname: config.hostname(),
             pipeline,
@@ -342,6 +344,10 @@ impl Server {
             let app = crate::management::router(Arc::new(crate::management::Management {
                 c2d: c2d.clone(),
                 services: self.services.clone(),
+                upstream: self
+                    .upstream
+                    .is_some()
+                    .then(|| self.upstream_status.clone()),
                 pipeline: self.pipeline.clone(),
                 broker: self.broker.clone(),
                 identities: self.identities.clone(),
@@ -359,7 +365,9 @@ impl Server {
                 self.broker.clone(),
                 self.pipeline.clone(),
                 self.identities.clone(),
-                self.upstream.clone(),
+                self.upstream
+                    .clone()
+                    .map(|cfg| (cfg, self.upstream_status.clone())),
                 rx,
                 self.shutdown.subscribe(),
             )));
@@ -419,7 +427,10 @@ async fn supervise_endpoints(
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
     identities: Arc<crate::iothub::identity::Identities>,
-    upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
+    upstream: Option<(
+        Arc<crate::upstream::UpstreamConfig>,
+        Arc<crate::upstream::UpstreamStatus>,
+    )>,
     mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -429,12 +440,13 @@ async fn supervise_endpoints(
             Endpoint::ModuleInput { module, input } => (module, input),
             Endpoint::Upstream => {
                 // Without an upstream the queue is the outbox.
-                if let Some(cfg) = &upstream {
+                if let Some((cfg, status)) = &upstream {
                     tokio::spawn(crate::upstream::run(
                         pipeline.store().clone(),
                         handle,
                         identities.clone(),
                         cfg.clone(),
+                        status.clone(),
                         shutdown.clone(),
                     ));
                 }

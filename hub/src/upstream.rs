@@ -159,25 +159,116 @@ impl Backoff {
 
 /// State worth a log line, once per change rather than per retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LinkState {
+pub enum LinkState {
+    /// No connection attempted yet (nothing to send).
     Unknown,
     Up,
     Down,
+}
+
+/// The link as `/readyz` and `/metrics` show it.
+#[derive(Debug)]
+pub struct UpstreamStatus {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Debug)]
+struct StatusInner {
+    state: LinkState,
+    since: std::time::SystemTime,
+    reason: String,
+    offline_count: u64,
+    /// Completed offline periods; the current one is added when read.
+    offline_secs: f64,
+    offline_since: Option<std::time::Instant>,
+}
+
+impl Default for UpstreamStatus {
+    fn default() -> UpstreamStatus {
+        UpstreamStatus {
+            inner: Mutex::new(StatusInner {
+                state: LinkState::Unknown,
+                since: std::time::SystemTime::now(),
+                reason: String::new(),
+                offline_count: 0,
+                offline_secs: 0.0,
+                offline_since: None,
+            }),
+        }
+    }
+}
+
+impl UpstreamStatus {
+    /// Records a change; `false` when the state was already `to`.
+    fn set(&self, to: LinkState, reason: &str) -> bool {
+        let mut s = self.inner.lock();
+        if s.state == to {
+            return false;
+        }
+        s.state = to;
+        s.since = std::time::SystemTime::now();
+        s.reason = reason.to_owned();
+        match to {
+            LinkState::Down => {
+                s.offline_count += 1;
+                s.offline_since = Some(std::time::Instant::now());
+            }
+            _ => {
+                if let Some(at) = s.offline_since.take() {
+                    s.offline_secs += at.elapsed().as_secs_f64();
+                }
+            }
+        }
+        true
+    }
+
+    pub fn state(&self) -> LinkState {
+        self.inner.lock().state
+    }
+
+    /// `{"state", "since", "reason"?}` for `/readyz`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let s = self.inner.lock();
+        let since = time::OffsetDateTime::from(s.since)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let state = match s.state {
+            LinkState::Unknown => "idle",
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+        };
+        let mut v = serde_json::json!({ "state": state, "since": since });
+        if s.state == LinkState::Down {
+            v["reason"] = s.reason.clone().into();
+        }
+        v
+    }
+
+    /// `edgehub_offline_count_total` and `edgehub_offline_duration_seconds`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = self.inner.lock();
+        let current = s.offline_since.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        let _ = writeln!(
+            out,
+            "# HELP edgehub_offline_count_total Times the upstream link went down.\n# TYPE edgehub_offline_count_total counter\nedgehub_offline_count_total {}\n# HELP edgehub_offline_duration_seconds Time spent with the upstream link down.\n# TYPE edgehub_offline_duration_seconds counter\nedgehub_offline_duration_seconds {:.3}",
+            s.offline_count,
+            s.offline_secs + current
+        );
+    }
 }
 
 struct Shared {
     cfg: Arc<UpstreamConfig>,
     identities: Arc<Identities>,
     backoff: Backoff,
-    link: Mutex<LinkState>,
+    status: Arc<UpstreamStatus>,
     done: mpsc::UnboundedSender<Entry>,
 }
 
 impl Shared {
     fn link(&self, to: LinkState, detail: &str) {
-        let mut l = self.link.lock();
-        if *l != to {
-            *l = to;
+        if self.status.set(to, detail) {
             match to {
                 LinkState::Up => info!(upstream = %self.cfg.host, "upstream link up"),
                 _ => warn!(upstream = %self.cfg.host, reason = detail,
@@ -193,6 +284,7 @@ pub async fn run(
     handle: Arc<EndpointHandle>,
     identities: Arc<Identities>,
     cfg: Arc<UpstreamConfig>,
+    status: Arc<UpstreamStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut reader = match store.reader(handle) {
@@ -207,7 +299,7 @@ pub async fn run(
         cfg,
         identities,
         backoff: Backoff::new(),
-        link: Mutex::new(LinkState::Unknown),
+        status,
         done: done_tx,
     });
     let mut workers: HashMap<String, mpsc::UnboundedSender<Entry>> = HashMap::new();

@@ -51,6 +51,13 @@ def send(hub, device_id, n, start=0, props="kind=t"):
     d.stop()
 
 
+def ready(hub):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{hub.ports['management']}/readyz", timeout=10) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
 def by_device(messages):
     out = {}
     for m in messages:
@@ -87,6 +94,11 @@ def test_parent_outage_and_child_kill_lose_nothing_and_keep_order(pair):
     send(child, "leaf2", 10)
     assert len(child.outbox()) == 30
     assert "upstream link down" in child.log()
+    r = ready(child)
+    assert r["ready"] is True, "an upstream outage does not make the hub unready"
+    assert r["upstream"]["state"] == "down" and "connect" in r["upstream"]["reason"]
+    m = child.metrics()
+    assert m["edgehub_offline_count_total"] == 1 and m["edgehub_offline_duration_seconds"] > 0
     child.stop(signal.SIGKILL)          # and the child crashes meanwhile
     child = pair[1]()
     parent = pair[0]()
@@ -99,6 +111,8 @@ def test_parent_outage_and_child_kill_lose_nothing_and_keep_order(pair):
     assert list(dict.fromkeys(got["leaf2"])) == [f"leaf2-{i}" for i in range(10)]
     wait_for(lambda: child.outbox() == [], what="the child's queue to empty")
     assert "upstream link up" in child.log()
+    assert ready(child)["upstream"]["state"] == "up"
+    assert ready(parent)["upstream"] is None, "the parent is a root hub"
 
 
 def test_refusing_parent_gets_backoff_not_a_storm_and_nothing_is_lost(pair):
