@@ -677,6 +677,20 @@ fn registered_identity(
 /// A refusal before any work: status and message (answered by [`error`]).
 type ApiError = (StatusCode, String);
 
+/// The registered identity named in the URL and the JSON body of a request
+/// about it; 404 or 400 (saying what was `expected`) otherwise.
+fn identity_request<T: serde::de::DeserializeOwned>(
+    m: &Management,
+    path: &HashMap<String, String>,
+    body: &[u8],
+    expected: &str,
+) -> Result<(String, Option<String>, T), ApiError> {
+    let (device, module) = registered_identity(m, path)?;
+    let req = serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("expected {expected}: {e}")))?;
+    Ok((device, module, req))
+}
+
 fn session_key(device: &str, module: Option<&str>) -> String {
     match module {
         Some(m) => format!("{device}/{m}"),
@@ -745,21 +759,12 @@ async fn patch_twin(
     UrlPath(path): UrlPath<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> Response {
-    let (device, module) = match registered_identity(&m, &path) {
-        Ok(x) => x,
-        Err((status, why)) => return error(status, why),
-    };
-    let req: TwinPatchRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "expected {{\"tags\": {{…}}, \"properties\": {{\"desired\": {{…}}}}}}: {e}"
-                ),
-            )
-        }
-    };
+    let expected = r#"{"tags": {…}, "properties": {"desired": {…}}}"#;
+    let (device, module, req) =
+        match identity_request::<TwinPatchRequest>(&m, &path, &body, expected) {
+            Ok(x) => x,
+            Err((status, why)) => return error(status, why),
+        };
     let (desired, reported) = match req.properties {
         Some(p) => (p.desired, p.reported),
         None => (None, None),
@@ -807,18 +812,11 @@ async fn invoke_method(
     body: axum::body::Bytes,
 ) -> Response {
     use crate::iothub::methods::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
-    let (device, module) = match registered_identity(&m, &path) {
+    let expected = r#"{"methodName": …, "payload": …}"#;
+    let (device, module, req) = match identity_request::<MethodRequest>(&m, &path, &body, expected)
+    {
         Ok(x) => x,
         Err((status, why)) => return error(status, why),
-    };
-    let req: MethodRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("expected {{\"methodName\": …, \"payload\": …}}: {e}"),
-            )
-        }
     };
     let payload = bytes::Bytes::from(req.payload.to_string());
     let response_timeout = req

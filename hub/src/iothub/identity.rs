@@ -378,18 +378,7 @@ impl Identities {
 
     /// Adds or replaces a device; durable before it returns.
     pub fn put(&self, spec: DeviceSpec) -> Result<(), RegistryError> {
-        let _w = self.write.lock();
-        let mut next = Registry::clone(&self.current.load());
-        next.insert(spec.clone()).map_err(RegistryError::Invalid)?;
-        if let Some(store) = &self.store {
-            store.put(
-                edgehub_store::Table::Identities,
-                spec.device_id.to_lowercase().as_bytes(),
-                &serde_json::to_vec(&spec).expect("spec serializes"),
-            )?;
-        }
-        self.current.store(Arc::new(next));
-        Ok(())
+        self.modify(&spec.device_id.clone(), |_| Ok((Some(spec), ())))
     }
 
     /// Changes one device under the writers' lock: `change` gets the device
