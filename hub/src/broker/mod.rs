@@ -813,7 +813,8 @@ pub enum Targeted {
     QueuedOffline,
     NoSession,
     NotSubscribed,
-    /// The client is away and the message was QoS 0 (nobody to take it).
+    /// The client is away and the session cannot keep it (QoS 0, or its
+    /// queue is full).
     Offline,
     /// The session's queue is full.
     QueueFull,
