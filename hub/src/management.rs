@@ -538,6 +538,13 @@ async fn delete_device(m: Arc<Management>, device: String) -> Response {
                 m2.broker.revoke(&identity);
                 let _ = m2.services.twins.remove(&identity);
             }
+            // Its cloud-to-device messages have nobody to go to any more
+            // (the queue is bounded, so one read takes them all).
+            let c2d = crate::endpoints::c2d_endpoint_name(&spec.device_id);
+            if let Some(h) = endpoint_named(&m2, &c2d) {
+                let store = m2.pipeline.store();
+                store.ack(&h, &store.peek(&h, 2 * C2D_MAX_QUEUED)?)?;
+            }
             Ok::<_, RegistryError>(())
         },
         |()| StatusCode::NO_CONTENT.into_response(),

@@ -116,7 +116,10 @@ def test_deleting_a_device_closes_its_connection(start_hub):
     m = hub.api("PUT", "/devices/gone/modules/mod", {})
     dev = connect(hub, "gone", key)
     mod = connect(hub, "gone/mod", m["authentication"]["symmetricKey"]["primaryKey"])
+    hub.api("POST", "/devices/gone/messages/deviceBound", {"body": "never collected"})
+    assert len(hub.outbox(endpoint="c2d:gone")) == 1
     hub.api("DELETE", "/devices/gone")
+    assert hub.outbox(endpoint="c2d:gone") == [], "its cloud-to-device queue goes with it"
     for c in (dev, mod):
         rc, props = c.disconnects.get(timeout=5)
         assert rc.value == 0x87 and "deleted" in props.ReasonString
