@@ -901,7 +901,7 @@ struct IotHubIdentityJson {
 fn parse_authentication(
     a: Option<AuthenticationJson>,
     module: bool,
-) -> Result<(String, Option<String>, Option<X509Spec>), String> {
+) -> Result<Authentication, String> {
     let a = a.unwrap_or_default();
     let kind = a.kind.as_deref().unwrap_or("sas");
     match kind {
@@ -1043,11 +1043,16 @@ async fn iothub_get_device(
     }
 }
 
+/// Keys (primary, secondary) or X.509, as an identity authenticates.
+type Authentication = (String, Option<String>, Option<X509Spec>);
+
+/// The `authentication` of a PUT device/module body, after checking that
+/// the ids in the body (if any) are the URL's.
 fn parse_identity_body(
     body: &[u8],
     device: &str,
     module: Option<&str>,
-) -> Result<IotHubIdentityJson, ApiError> {
+) -> Result<Authentication, ApiError> {
     let req: IotHubIdentityJson = parse_json(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     if req
         .device_id
@@ -1067,7 +1072,8 @@ fn parse_identity_body(
             ));
         }
     }
-    Ok(req)
+    parse_authentication(req.authentication, module.is_some())
+        .map_err(|e| (StatusCode::BAD_REQUEST, e))
 }
 
 /// Creates or replaces a device's identity; its modules stay.
@@ -1076,13 +1082,9 @@ async fn iothub_put_device(
     UrlPath(device): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let req = match parse_identity_body(&body, &device, None) {
-        Ok(r) => r,
-        Err((status, why)) => return error(status, why),
-    };
-    let (primary_key, secondary_key, x509) = match parse_authentication(req.authentication, false) {
+    let (primary_key, secondary_key, x509) = match parse_identity_body(&body, &device, None) {
         Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err((status, why)) => return error(status, why),
     };
     let m2 = m.clone();
     blocking(
@@ -1156,13 +1158,9 @@ async fn iothub_put_module(
     UrlPath((device, module)): UrlPath<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
-    let req = match parse_identity_body(&body, &device, Some(&module)) {
-        Ok(r) => r,
-        Err((status, why)) => return error(status, why),
-    };
-    let (primary_key, secondary_key, _) = match parse_authentication(req.authentication, true) {
+    let (primary_key, secondary_key, _) = match parse_identity_body(&body, &device, Some(&module)) {
         Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err((status, why)) => return error(status, why),
     };
     let m2 = m.clone();
     blocking(
