@@ -274,3 +274,8 @@ def test_unknown_device_is_refused(gateway):
 # Expired tokens: this SDK refuses to connect with one (ValueError before it
 # dials), so the gateway's refusal is tested with paho in tests/python
 # (test_iothub_auth: test_refusals, test_connection_closed_when_its_token_expires).
+# Oversized messages: this SDK refuses to send more than 256 KiB itself
+# (ValueError), so the gateway's refusal (MQTT 5 DISCONNECT 0x95 with the
+# reason) is tested with paho in tests/python/test_iothub_auth.py. A foreign
+# device's topic cannot be reached through the SDK either (it builds topics
+# from its own identity); see test_publishing_on_another_devices_topic_disconnects.
