@@ -32,8 +32,8 @@ use crate::broker::session::{Delivery, Message, OutState, Outgoing, PendingWill,
 use crate::broker::topic::{parse_shared, valid_filter, valid_topic_name};
 use crate::broker::{forwarded_properties, Broker, Ending};
 use crate::iothub::services::{Handled, Services};
-use crate::iothub::telemetry::{telemetry_message, TelemetryError};
-use crate::pipeline::{enqueued_time_now, Pipeline};
+use crate::iothub::telemetry::TelemetryError;
+use crate::pipeline::{iothub_telemetry, Pipeline};
 use edgehub_store::StoreError;
 
 const TX_HIGH: usize = 64 * 1024;
@@ -780,19 +780,9 @@ impl Connection {
         if !self.principal.anonymous {
             if let Some(pipeline) = self.pipeline.clone() {
                 let identity = self.principal.name.clone();
-                match telemetry_message(&identity, &topic, payload.clone(), &enqueued_time_now()) {
+                match iothub_telemetry(&identity, &topic, payload.clone(), retain) {
                     Err(TelemetryError::NotTelemetry(_)) => {}
-                    parsed => {
-                        // IoT Hub keeps no retained messages; it tells the
-                        // receiver the flag was set.
-                        let parsed = parsed.map(|mut m| {
-                            if retain {
-                                m.set_property("mqtt-retain", "true");
-                            }
-                            m
-                        });
-                        return self.on_telemetry(&pipeline, qos, packet_id, parsed);
-                    }
+                    parsed => return self.on_telemetry(&pipeline, qos, packet_id, parsed),
                 }
             }
         }

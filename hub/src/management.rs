@@ -129,7 +129,7 @@ pub fn router(m: Arc<Management>) -> Router {
             "/devices/{device}",
             get(iothub_get_device)
                 .put(iothub_put_device)
-                .delete(iothub_delete_device),
+                .delete(delete_identity),
         )
         .route("/devices/{device}/modules", get(iothub_list_modules))
         .route(
@@ -393,33 +393,11 @@ fn spec_from(device_id: String, r: DeviceRequest) -> DeviceSpec {
 
 /// The device (or module) as the SDKs take it, pointed at this gateway.
 fn with_connection_strings(m: &Management, spec: &DeviceSpec) -> serde_json::Value {
-    let host = m
-        .identities
-        .registry()
-        .iothub_hostname
-        .clone()
-        .unwrap_or_else(|| m.gateway_hostname.clone());
-    let gw = &m.gateway_hostname;
     let mut v = serde_json::to_value(spec).expect("spec serializes");
-    v["connectionString"] = if spec.x509.is_some() {
-        format!(
-            "HostName={host};DeviceId={};x509=true;GatewayHostName={gw}",
-            spec.device_id
-        )
-    } else {
-        format!(
-            "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
-            spec.device_id, spec.primary_key
-        )
-    }
-    .into();
+    v["connectionString"] = device_connection_string(m, spec).into();
     if let Some(mods) = v["modules"].as_array_mut() {
         for (mv, ms) in mods.iter_mut().zip(&spec.modules) {
-            mv["connectionString"] = format!(
-                "HostName={host};DeviceId={};ModuleId={};SharedAccessKey={};GatewayHostName={gw}",
-                spec.device_id, ms.module_id, ms.primary_key
-            )
-            .into();
+            mv["connectionString"] = module_connection_string(m, &spec.device_id, ms).into();
         }
     }
     v
@@ -532,7 +510,7 @@ async fn delete_device(m: Arc<Management>, device: String) -> Response {
             let identities = std::iter::once(spec.device_id.clone()).chain(
                 spec.modules
                     .iter()
-                    .map(|ms| format!("{}/{}", spec.device_id, ms.module_id)),
+                    .map(|ms| session_key(&spec.device_id, Some(&ms.module_id))),
             );
             for identity in identities {
                 m2.broker.revoke(&identity);
@@ -982,11 +960,10 @@ fn hosts(m: &Management) -> (String, String) {
     (host, m.gateway_hostname.clone())
 }
 
-/// A device as IoT Hub's registry API shows it, plus (our addition) the
-/// connection string that points an SDK at this gateway.
-fn iothub_device_json(m: &Management, d: &DeviceSpec) -> serde_json::Value {
+/// What an SDK needs to reach this gateway as the device.
+fn device_connection_string(m: &Management, d: &DeviceSpec) -> String {
     let (host, gw) = hosts(m);
-    let cs = if d.x509.is_some() {
+    if d.x509.is_some() {
         format!(
             "HostName={host};DeviceId={};x509=true;GatewayHostName={gw}",
             d.device_id
@@ -996,25 +973,34 @@ fn iothub_device_json(m: &Management, d: &DeviceSpec) -> serde_json::Value {
             "HostName={host};DeviceId={};SharedAccessKey={};GatewayHostName={gw}",
             d.device_id, d.primary_key
         )
-    };
+    }
+}
+
+fn module_connection_string(m: &Management, device: &str, ms: &ModuleSpec) -> String {
+    let (host, gw) = hosts(m);
+    format!(
+        "HostName={host};DeviceId={device};ModuleId={};SharedAccessKey={};GatewayHostName={gw}",
+        ms.module_id, ms.primary_key
+    )
+}
+
+/// A device as IoT Hub's registry API shows it, plus (our addition) the
+/// connection string that points an SDK at this gateway.
+fn iothub_device_json(m: &Management, d: &DeviceSpec) -> serde_json::Value {
     serde_json::json!({
         "deviceId": d.device_id,
         "status": "enabled",
         "authentication": authentication_json(&d.primary_key, d.secondary_key.as_deref(), d.x509.as_ref()),
-        "connectionString": cs,
+        "connectionString": device_connection_string(m, d),
     })
 }
 
 fn iothub_module_json(m: &Management, device: &str, ms: &ModuleSpec) -> serde_json::Value {
-    let (host, gw) = hosts(m);
     serde_json::json!({
         "deviceId": device,
         "moduleId": ms.module_id,
         "authentication": authentication_json(&ms.primary_key, ms.secondary_key.as_deref(), None),
-        "connectionString": format!(
-            "HostName={host};DeviceId={device};ModuleId={};SharedAccessKey={};GatewayHostName={gw}",
-            ms.module_id, ms.primary_key
-        ),
+        "connectionString": module_connection_string(m, device, ms),
     })
 }
 
@@ -1106,13 +1092,6 @@ async fn iothub_put_device(
         registry_error,
     )
     .await
-}
-
-async fn iothub_delete_device(
-    State(m): State<Arc<Management>>,
-    UrlPath(device): UrlPath<String>,
-) -> Response {
-    delete_device(m, device).await
 }
 
 async fn iothub_list_modules(
@@ -1213,7 +1192,7 @@ async fn iothub_delete_module(
                     )));
                 };
                 spec.modules.retain(|x| x.module_id != ms.module_id);
-                let key = format!("{}/{}", spec.device_id, ms.module_id);
+                let key = session_key(&spec.device_id, Some(&ms.module_id));
                 Ok((Some(spec), key))
             })?;
             m2.broker.revoke(&removed);

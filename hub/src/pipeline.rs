@@ -263,6 +263,28 @@ impl Pipeline {
     }
 }
 
+/// An identity's PUBLISH on its telemetry topic as the IoT Hub message
+/// (property bag parsed, identity and `enqueuedTime` stamped by the hub).
+/// IoT Hub keeps no retained messages; a set retain flag becomes the
+/// application property `mqtt-retain=true`.
+pub fn iothub_telemetry(
+    identity: &str,
+    topic: &str,
+    payload: bytes::Bytes,
+    retain: bool,
+) -> Result<Message, crate::iothub::telemetry::TelemetryError> {
+    let mut msg = crate::iothub::telemetry::telemetry_message(
+        identity,
+        topic,
+        payload,
+        &enqueued_time_now(),
+    )?;
+    if retain {
+        msg.set_property("mqtt-retain", "true");
+    }
+    Ok(msg)
+}
+
 /// `enqueuedTime` as IoT Hub writes it (RFC 3339, UTC).
 pub fn enqueued_time_now() -> String {
     let now = std::time::SystemTime::now();
@@ -281,11 +303,11 @@ impl crate::broker::WillSink for WillsAsTelemetry {
         if w.principal.anonymous {
             return false;
         }
-        let parsed = crate::iothub::telemetry::telemetry_message(
+        let parsed = iothub_telemetry(
             &w.principal.name,
             &w.will.topic,
             w.will.payload.clone(),
-            &enqueued_time_now(),
+            w.will.retain,
         );
         let mut msg = match parsed {
             Err(crate::iothub::telemetry::TelemetryError::NotTelemetry(_)) => return false,
@@ -296,9 +318,6 @@ impl crate::broker::WillSink for WillsAsTelemetry {
             Ok(m) => m,
         };
         msg.set_property("iothub-MessageType", "Will");
-        if w.will.retain {
-            msg.set_property("mqtt-retain", "true");
-        }
         let who = w.principal.name.clone();
         match self.0.submit(msg) {
             Ok(Some(stored)) => {

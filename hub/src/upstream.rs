@@ -69,9 +69,10 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// `mqtts://host:port` (port 8883 when left out), trusting `ca` (PEM)
-    /// or, without it, the parent's certificate must chain to one of the
-    /// roots in `ca`. `iothub_hostname` defaults to the URL's host.
+    /// `mqtts://host:port` (port 8883 when left out); the parent's
+    /// certificate must chain to a CA in `ca` (PEM). Without `ca` no root is
+    /// trusted, so every handshake fails with a clear "UnknownIssuer".
+    /// `iothub_hostname` defaults to the URL's host.
     pub fn new(
         url: &str,
         ca: Option<&Path>,
@@ -220,10 +221,6 @@ impl UpstreamStatus {
             }
         }
         true
-    }
-
-    pub fn state(&self) -> LinkState {
-        self.inner.lock().state
     }
 
     /// `{"state", "since", "reason"?}` for `/readyz`.

@@ -110,10 +110,6 @@ impl TrustBundle {
         Ok(TrustBundle { anchors })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.anchors.is_empty()
-    }
-
     /// Checks that `chain` (leaf first) leads to one of our CAs and is fit
     /// for TLS client authentication at `now`.
     pub fn verify(&self, chain: &[CertificateDer<'static>], now: UnixTime) -> Result<(), String> {
