@@ -74,6 +74,14 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_IOTHUB_HOSTNAME", requires = "upstream")]
     pub iothub_hostname: Option<String>,
 
+    /// This edge device's id. At start it is registered (keys generated)
+    /// when missing, with its `$edgeAgent` and `$edgeHub` modules; `PUT
+    /// /deployment` then delivers the manifest's `$edgeAgent` desired
+    /// properties to the `$edgeAgent` module twin (the operator shim reads
+    /// them there).
+    #[arg(long, env = "EDGEHUB_DEVICE_ID")]
+    pub device_id: Option<String>,
+
     /// PEM file of the CAs that may sign certificates of devices registered
     /// as `certificateAuthority` (X.509 CA-signed: subject CN = device id).
     #[arg(long, env = "EDGEHUB_TRUST_BUNDLE")]

@@ -43,7 +43,11 @@
 //!   504 no answer in time.
 //! - `POST /devices/{d}/messages/deviceBound`: as `/api/devices/{d}/messages`.
 //! - `PUT /deployment`: an IoT Edge deployment manifest; its `$edgeHub`
-//!   routes replace the running ones at once and are kept for restarts.
+//!   routes replace the running ones at once and are kept for restarts; its
+//!   `$edgeAgent` desired properties become those of the edge device's
+//!   (`--device-id`) `$edgeAgent` module twin, which the operator shim
+//!   reads. Answers `{"routes": […], "edgeAgent": {"identity", "desiredVersion"}
+//!   | null}`.
 //!   `GET /deployment`: the manifest in effect.
 //!
 //! Everything but the probes and `/metrics` needs `Authorization: Bearer <token>`; the token is
@@ -79,6 +83,8 @@ pub struct Management {
     pub identities: Arc<Identities>,
     /// What devices put in `GatewayHostName` to reach us.
     pub gateway_hostname: String,
+    /// `--device-id`: deployments' `$edgeAgent` part goes to its twin.
+    pub edge_device: Option<String>,
     pub token: String,
 }
 
@@ -1250,8 +1256,22 @@ async fn put_deployment(State(m): State<Arc<Management>>, body: axum::body::Byte
         .iter()
         .map(|r| serde_json::json!({ "name": r.name, "route": r.text }))
         .collect();
+    let agent_desired = match doc
+        .get("modulesContent")
+        .and_then(|c| c.get("$edgeAgent"))
+        .and_then(|a| a.get("properties.desired"))
+    {
+        None => None,
+        Some(serde_json::Value::Object(d)) => Some(d.clone()),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "modulesContent.$edgeAgent.properties.desired must be an object",
+            )
+        }
+    };
     let (m2, raw) = (m.clone(), body.to_vec());
-    blocking(
+    let stored = blocking(
         move || {
             m2.pipeline.store().put(
                 edgehub_store::Table::Config,
@@ -1261,11 +1281,41 @@ async fn put_deployment(State(m): State<Arc<Management>>, body: axum::body::Byte
             m2.pipeline.routes().replace(table);
             Ok::<_, edgehub_store::StoreError>(())
         },
-        |()| {
-            tracing::info!(routes = routes.len(), "deployment applied");
-            Json(serde_json::json!({ "routes": routes })).into_response()
-        },
+        |()| StatusCode::OK.into_response(),
         internal,
     )
-    .await
+    .await;
+    if stored.status() != StatusCode::OK {
+        return stored;
+    }
+    tracing::info!(routes = routes.len(), "deployment applied");
+    let agent = match (agent_desired, &m.edge_device) {
+        (Some(desired), Some(device)) => {
+            let identity = session_key(device, Some("$edgeAgent"));
+            let (services, key) = (m.services.clone(), identity.clone());
+            // On the twin worker, in order with the agent's own requests.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            m.services.run_twin_job(move || {
+                let r = services.twins.replace_desired(&key, desired);
+                if let Ok((_, Some(push))) = &r {
+                    services.push_desired(&key, push);
+                }
+                let _ = tx.send(r);
+            });
+            match rx.await {
+                Ok(Ok((t, _))) => serde_json::json!({
+                    "identity": identity,
+                    "desiredVersion": t.desired_version(),
+                }),
+                Ok(Err(e)) => return twin_error(e),
+                Err(e) => return internal(e),
+            }
+        }
+        (Some(_), None) => {
+            tracing::warn!("deployment has $edgeAgent desired properties but the hub has no --device-id: not delivered");
+            serde_json::Value::Null
+        }
+        (None, _) => serde_json::Value::Null,
+    };
+    Json(serde_json::json!({ "routes": routes, "edgeAgent": agent })).into_response()
 }

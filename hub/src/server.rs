@@ -58,6 +58,8 @@ pub struct Server {
     broker: Arc<Broker>,
     identities: Arc<crate::iothub::identity::Identities>,
     gateway_hostname: String,
+    /// `--device-id`: this edge device (its `$edgeAgent` gets deployments).
+    edge_device: Option<String>,
     pipeline: Arc<Pipeline>,
     services: Arc<crate::iothub::services::Services>,
     upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
@@ -229,6 +231,10 @@ impl Server {
                 .map_err(|e| ServerError::Registry(e.to_string()))?,
         );
         let pipeline = Arc::new(Pipeline::new(store, routes));
+        if let Some(device) = &config.device_id {
+            crate::iothub::identity::ensure_edge_device(&identities, device)
+                .map_err(|e| ServerError::Registry(e.to_string()))?;
+        }
         let devices = identities.registry().len();
         info!(devices, "IoT Hub identities loaded");
         if config.allow_anonymous {
@@ -300,6 +306,7 @@ impl Server {
             upstream_status: Arc::default(),
             identities,
             gateway_hostname: config.hostname(),
+            edge_device: config.device_id.clone(),
             pipeline,
             management: Some(management),
             management_token,
@@ -352,6 +359,7 @@ impl Server {
                 broker: self.broker.clone(),
                 identities: self.identities.clone(),
                 gateway_hostname: self.gateway_hostname.clone(),
+                edge_device: self.edge_device.clone(),
                 token: self.management_token.clone(),
             }));
             accept_tasks.push(tokio::spawn(async move {

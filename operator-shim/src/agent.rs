@@ -21,7 +21,9 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 
@@ -62,7 +64,10 @@ impl AgentConfig {
         namespace: Option<String>,
     ) -> Result<AgentConfig, AgentError> {
         let mut parts = BTreeMap::new();
-        for kv in connection_string.split(';').filter(|s| !s.trim().is_empty()) {
+        for kv in connection_string
+            .split(';')
+            .filter(|s| !s.trim().is_empty())
+        {
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| AgentError::ConnectionString(format!("{kv:?} is not Key=Value")))?;
@@ -76,12 +81,18 @@ impl AgentConfig {
         };
         let iothub_hostname = need("hostname", "HostName")?;
         let device_id = need("deviceid", "DeviceId")?;
-        let module_id = parts.get("moduleid").cloned().unwrap_or_else(|| "$edgeAgent".into());
+        let module_id = parts
+            .get("moduleid")
+            .cloned()
+            .unwrap_or_else(|| "$edgeAgent".into());
         let key = need("sharedaccesskey", "SharedAccessKey")?;
         base64::engine::general_purpose::STANDARD
             .decode(&key)
             .map_err(|_| AgentError::ConnectionString("SharedAccessKey is not base64".into()))?;
-        let gateway = parts.get("gatewayhostname").cloned().unwrap_or_else(|| iothub_hostname.clone());
+        let gateway = parts
+            .get("gatewayhostname")
+            .cloned()
+            .unwrap_or_else(|| iothub_hostname.clone());
         let ca_pem = ca
             .map(|p| std::fs::read(p).map_err(|e| AgentError::Ca(p.display().to_string(), e)))
             .transpose()?;
@@ -195,7 +206,11 @@ pub fn spec_for(cfg: &AgentConfig, desired: &Value) -> Result<EdgeDeploymentSpec
 
 /// Writes the EdgeDeployment for `desired` (server-side apply under the
 /// agent's own field manager, so a GitOps writer's fields are not taken).
-pub async fn deploy(client: &Client, cfg: &AgentConfig, desired: &Value) -> Result<DesiredOutcome, AgentError> {
+pub async fn deploy(
+    client: &Client,
+    cfg: &AgentConfig,
+    desired: &Value,
+) -> Result<DesiredOutcome, AgentError> {
     let version = desired.get("$version").and_then(Value::as_u64).unwrap_or(0);
     let spec = match spec_for(cfg, desired) {
         Ok(s) => s,
@@ -210,9 +225,14 @@ pub async fn deploy(client: &Client, cfg: &AgentConfig, desired: &Value) -> Resu
     };
     let namespaces: Api<Namespace> = Api::all(client.clone());
     if namespaces.get_opt(&cfg.namespace).await?.is_none() {
-        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}});
+        let ns =
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}});
         namespaces
-            .patch(&cfg.namespace, &PatchParams::apply(AGENT_FIELD_MANAGER), &Patch::Apply(&ns))
+            .patch(
+                &cfg.namespace,
+                &PatchParams::apply(AGENT_FIELD_MANAGER),
+                &Patch::Apply(&ns),
+            )
             .await?;
     }
     let api: Api<EdgeDeployment> = Api::namespaced(client.clone(), &cfg.namespace);
@@ -237,7 +257,10 @@ pub async fn deploy(client: &Client, cfg: &AgentConfig, desired: &Value) -> Resu
 pub fn module_report(ed: Option<&EdgeDeployment>, previously: &[String]) -> (Value, Vec<String>) {
     let mut modules = Map::new();
     let mut system = Map::new();
-    system.insert("edgeAgent".into(), json!({"runtimeStatus": "running", "type": "docker"}));
+    system.insert(
+        "edgeAgent".into(),
+        json!({"runtimeStatus": "running", "type": "docker"}),
+    );
     let mut now = Vec::new();
     if let Some(status) = ed.and_then(|e| e.status.as_ref()) {
         for (name, m) in &status.modules {
@@ -400,9 +423,14 @@ mod tests {
         let c = cfg();
         assert_eq!(c.gateway, "localhost");
         assert_eq!(c.namespace, "msiot-myhub-edge1");
-        assert_eq!(device_namespace("Hub.x", "My_Edge"), names::sanitize("msiot-Hub-My_Edge"));
+        assert_eq!(
+            device_namespace("Hub.x", "My_Edge"),
+            names::sanitize("msiot-Hub-My_Edge")
+        );
         assert!(AgentConfig::new("HostName=h;DeviceId=d", None, 1, None).is_err());
-        assert!(AgentConfig::new("HostName=h;DeviceId=d;SharedAccessKey=!!", None, 1, None).is_err());
+        assert!(
+            AgentConfig::new("HostName=h;DeviceId=d;SharedAccessKey=!!", None, 1, None).is_err()
+        );
     }
 
     #[test]
@@ -418,7 +446,10 @@ mod tests {
     fn undeployable_desired_properties_are_refused_with_the_reason() {
         let desired = json!({"$version": 3, "modules": {"a": {"settings": {"image": "x", "createOptions": "{bad"}}}});
         let why = spec_for(&cfg(), &desired).unwrap_err();
-        assert!(why.contains("module \"a\"") && why.contains("not JSON"), "{why}");
+        assert!(
+            why.contains("module \"a\"") && why.contains("not JSON"),
+            "{why}"
+        );
         let ok = json!({"$version": 4, "modules": {"a": {"settings": {"image": "x"}}}});
         let spec = spec_for(&cfg(), &ok).unwrap();
         assert_eq!(spec.device.device_id.as_deref(), Some("edge1"));
@@ -430,8 +461,22 @@ mod tests {
         let mut ed = EdgeDeployment::new("e", EdgeDeploymentSpec::default());
         ed.status = Some(EdgeDeploymentStatus {
             modules: BTreeMap::from([
-                ("edgeHub".into(), ModuleStatus { name: "edgehub".into(), runtime_status: "running".into(), unsupported: vec![] }),
-                ("b".into(), ModuleStatus { name: "b".into(), runtime_status: "backoff".into(), unsupported: vec![] }),
+                (
+                    "edgeHub".into(),
+                    ModuleStatus {
+                        name: "edgehub".into(),
+                        runtime_status: "running".into(),
+                        unsupported: vec![],
+                    },
+                ),
+                (
+                    "b".into(),
+                    ModuleStatus {
+                        name: "b".into(),
+                        runtime_status: "backoff".into(),
+                        unsupported: vec![],
+                    },
+                ),
             ]),
             ..Default::default()
         });
@@ -439,6 +484,9 @@ mod tests {
         assert_eq!(now, ["b"]);
         assert_eq!(report["modules"]["a"], Value::Null);
         assert_eq!(report["modules"]["b"]["runtimeStatus"], "backoff");
-        assert_eq!(report["systemModules"]["edgeHub"]["runtimeStatus"], "running");
+        assert_eq!(
+            report["systemModules"]["edgeHub"]["runtimeStatus"],
+            "running"
+        );
     }
 }

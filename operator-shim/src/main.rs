@@ -7,11 +7,19 @@ use clap::{Parser, Subcommand};
 use edgehub_operator::{agent, crd, manifest, reconcile, translate};
 
 #[derive(Parser)]
-#[command(version, about = "EdgeDeployment (IoT Edge deployment manifest) to Kubernetes objects")]
+#[command(
+    version,
+    about = "EdgeDeployment (IoT Edge deployment manifest) to Kubernetes objects"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    #[arg(long, env = "EDGEHUB_OPERATOR_LOG", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "EDGEHUB_OPERATOR_LOG",
+        default_value = "info",
+        global = true
+    )]
     log: String,
 }
 
@@ -36,7 +44,11 @@ enum Command {
         /// Also be the device's `$edgeAgent`: a module connection string
         /// (`HostName=…;DeviceId=…;ModuleId=$edgeAgent;SharedAccessKey=…`,
         /// plus `GatewayHostName=…` to reach the hub).
-        #[arg(long, env = "EDGEHUB_EDGE_AGENT_CONNECTION_STRING", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "EDGEHUB_EDGE_AGENT_CONNECTION_STRING",
+            hide_env_values = true
+        )]
         edge_agent: Option<String>,
         /// CA certificate (PEM) the hub's server certificate chains to.
         #[arg(long, env = "EDGEHUB_CA", requires = "edge_agent")]
@@ -65,12 +77,17 @@ async fn main() -> anyhow::Result<()> {
             name,
             namespace,
         } => {
-            let raw = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let raw =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let doc: serde_yaml::Value = serde_yaml::from_slice(&raw)
                 .with_context(|| format!("{} is neither JSON nor YAML", file.display()))?;
             let doc: serde_json::Value = serde_json::to_value(doc)?;
             // An EdgeDeployment (or its spec) or an IoT Edge manifest.
-            let spec = match doc.get("spec").cloned().or_else(|| doc.get("modules").filter(|_| doc.get("systemModules").is_none()).map(|_| doc.clone())) {
+            let spec = match doc.get("spec").cloned().or_else(|| {
+                doc.get("modules")
+                    .filter(|_| doc.get("systemModules").is_none())
+                    .map(|_| doc.clone())
+            }) {
                 Some(spec) => serde_json::from_value(spec).context("not an EdgeDeployment spec")?,
                 None => manifest::spec_from_manifest(&doc)?,
             };
@@ -114,10 +131,16 @@ async fn main() -> anyhow::Result<()> {
                     let _ = rx.wait_for(|s| *s).await;
                 }
             };
-            let controller = tokio::spawn(reconcile::run(client.clone(), namespace.clone(), shutdown));
+            let controller =
+                tokio::spawn(reconcile::run(client.clone(), namespace.clone(), shutdown));
             let agent = match edge_agent {
                 Some(cs) => {
-                    let cfg = agent::AgentConfig::new(&cs, hub_ca.as_deref(), hub_port, device_namespace.or(namespace))?;
+                    let cfg = agent::AgentConfig::new(
+                        &cs,
+                        hub_ca.as_deref(),
+                        hub_port,
+                        device_namespace.or(namespace),
+                    )?;
                     let mut rx = stop_rx.clone();
                     Some(tokio::spawn(agent::run(client, cfg, async move {
                         let _ = rx.wait_for(|s| *s).await;

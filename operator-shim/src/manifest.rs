@@ -32,7 +32,8 @@ pub fn split(doc: &Value) -> (Option<&Value>, Option<&Value>) {
         .or_else(|| doc.get("modulesContent"));
     match content {
         Some(c) => (
-            c.get("$edgeAgent").and_then(|a| a.get("properties.desired")),
+            c.get("$edgeAgent")
+                .and_then(|a| a.get("properties.desired")),
             c.get("$edgeHub").and_then(|h| h.get("properties.desired")),
         ),
         // Bare `$edgeAgent` desired properties (the module twin's view).
@@ -209,7 +210,9 @@ mod tests {
         let hub = spec.edge_hub.unwrap();
         assert_eq!(hub.routes["up"], json!("FROM /messages/* INTO $upstream"));
         assert_eq!(
-            hub.store_and_forward_configuration.unwrap().time_to_live_secs,
+            hub.store_and_forward_configuration
+                .unwrap()
+                .time_to_live_secs,
             Some(7200)
         );
     }

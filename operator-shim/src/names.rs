@@ -55,8 +55,14 @@ pub fn label_value(name: &str) -> String {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
     {
         name.to_owned()
     } else {
@@ -77,7 +83,10 @@ mod tests {
     #[test]
     fn lossy_names_get_a_stable_distinct_suffix() {
         let a = sanitize("my_mod");
-        assert!(a.starts_with("my-mod-") && a.len() == "my-mod-".len() + 6, "{a}");
+        assert!(
+            a.starts_with("my-mod-") && a.len() == "my-mod-".len() + 6,
+            "{a}"
+        );
         assert_eq!(a, sanitize("my_mod"));
         assert_ne!(a, sanitize("mymod"));
         assert_ne!(a, sanitize("my.mod"));

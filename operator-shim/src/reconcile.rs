@@ -17,9 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolumeClaim, Service, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -79,13 +77,16 @@ pub async fn run(
     Controller::new(deployments, watcher::Config::default())
         .owns(
             owned,
-            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
+            watcher::Config::default()
+                .labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}")),
         )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             match r {
-                Ok((obj, _)) => tracing::debug!(name = %obj.name, ns = ?obj.namespace, "reconciled"),
+                Ok((obj, _)) => {
+                    tracing::debug!(name = %obj.name, ns = ?obj.namespace, "reconciled")
+                }
                 Err(e) => tracing::warn!(error = %e, "reconcile failed"),
             }
         })
@@ -111,7 +112,14 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
             tracing::warn!(%ns, %name, %why, "invalid EdgeDeployment; running objects left alone");
             warn(&ctx, &ed, "InvalidManifest", &why).await;
             let mut status = ed.status.clone().unwrap_or_default();
-            set_condition(&mut status, ed.metadata.generation, "Ready", false, "InvalidManifest", &why);
+            set_condition(
+                &mut status,
+                ed.metadata.generation,
+                "Ready",
+                false,
+                "InvalidManifest",
+                &why,
+            );
             write_status(&ctx.client, &ed, status).await?;
             return Ok(Action::await_change());
         }
@@ -121,7 +129,10 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
             let status = status_after_apply(&ed, &plan, &deployments);
             for (module, (_, unsupported)) in &plan.modules {
                 if !unsupported.is_empty() {
-                    let note = format!("module {module}: not supported, ignored: {}", unsupported.join("; "));
+                    let note = format!(
+                        "module {module}: not supported, ignored: {}",
+                        unsupported.join("; ")
+                    );
                     warn(&ctx, &ed, "UnsupportedCreateOptions", &note).await;
                 }
             }
@@ -132,7 +143,14 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
             let why = e.to_string();
             warn(&ctx, &ed, "ApplyFailed", &why).await;
             let mut status = ed.status.clone().unwrap_or_default();
-            set_condition(&mut status, ed.metadata.generation, "Ready", false, "ApplyFailed", &why);
+            set_condition(
+                &mut status,
+                ed.metadata.generation,
+                "Ready",
+                false,
+                "ApplyFailed",
+                &why,
+            );
             // Best effort: the apply error is the one worth returning.
             let _ = write_status(&ctx.client, &ed, status).await;
             Err(e)
@@ -276,7 +294,11 @@ pub fn runtime_status(d: &Deployment) -> &'static str {
     }
 }
 
-fn status_after_apply(ed: &EdgeDeployment, plan: &Plan, deployments: &[Deployment]) -> EdgeDeploymentStatus {
+fn status_after_apply(
+    ed: &EdgeDeployment,
+    plan: &Plan,
+    deployments: &[Deployment],
+) -> EdgeDeploymentStatus {
     let by_name: BTreeMap<String, &Deployment> =
         deployments.iter().map(|d| (d.name_any(), d)).collect();
     let mut status = ed.status.clone().unwrap_or_default();
@@ -307,7 +329,14 @@ fn status_after_apply(ed: &EdgeDeployment, plan: &Plan, deployments: &[Deploymen
     if unsupported.is_empty() {
         set_condition(&mut status, gen, "UnsupportedOptions", false, "None", "");
     } else {
-        set_condition(&mut status, gen, "UnsupportedOptions", true, "Ignored", &unsupported.join(" | "));
+        set_condition(
+            &mut status,
+            gen,
+            "UnsupportedOptions",
+            true,
+            "Ignored",
+            &unsupported.join(" | "),
+        );
     }
     status.observed_generation = gen;
     status
@@ -323,7 +352,10 @@ pub fn set_condition(
 ) {
     let value = if ok { "True" } else { "False" };
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
-    let existing = status.conditions.iter_mut().find(|c| c.condition_type == kind);
+    let existing = status
+        .conditions
+        .iter_mut()
+        .find(|c| c.condition_type == kind);
     match existing {
         Some(c) => {
             if c.status != value {
@@ -356,7 +388,11 @@ async fn write_status(
     let api: Api<EdgeDeployment> =
         Api::namespaced(client.clone(), &ed.namespace().unwrap_or_default());
     let patch = serde_json::json!({ "status": status });
-    api.patch_status(&ed.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    api.patch_status(
+        &ed.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }

@@ -130,7 +130,10 @@ fn meta(name: &str, target: &Target, module: Option<&str>) -> ObjectMeta {
             "app.kubernetes.io/managed-by".to_owned(),
             MANAGED_BY.to_owned(),
         ),
-        (LABEL_DEPLOYMENT.to_owned(), names::label_value(target.owner)),
+        (
+            LABEL_DEPLOYMENT.to_owned(),
+            names::label_value(target.owner),
+        ),
     ]);
     if let Some(m) = module {
         labels.insert(LABEL_MODULE.to_owned(), m.to_owned());
@@ -221,7 +224,11 @@ fn parse_create_options(text: &str) -> Result<CreateOptions, String> {
             "Entrypoint" => out.entrypoint = Some(strings(value, "Entrypoint")?),
             "WorkingDir" => out.working_dir = value.as_str().map(str::to_owned),
             "ExposedPorts" => {
-                for port in value.as_object().ok_or("ExposedPorts must be an object")?.keys() {
+                for port in value
+                    .as_object()
+                    .ok_or("ExposedPorts must be an object")?
+                    .keys()
+                {
                     out.container_ports.insert(port_key(port)?);
                 }
             }
@@ -257,9 +264,12 @@ fn host_config(value: &Value, out: &mut CreateOptions) -> Result<(), String> {
                         if !(1..=65535).contains(&host) {
                             return Err(format!("HostPort {host} is not a port number"));
                         }
-                        if h.get("HostIp").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty())
+                        if h.get("HostIp")
+                            .and_then(Value::as_str)
+                            .is_some_and(|ip| !ip.is_empty())
                         {
-                            out.unsupported.push(format!("HostConfig.PortBindings.{port}.HostIp"));
+                            out.unsupported
+                                .push(format!("HostConfig.PortBindings.{port}.HostIp"));
                         }
                         out.bindings.insert((host, container, proto.clone()));
                     }
@@ -337,7 +347,11 @@ fn module_objects(
     let pull = match module.image_pull_policy.as_deref().unwrap_or("on-create") {
         "on-create" => "IfNotPresent",
         "never" => "Never",
-        other => return Err(format!("imagePullPolicy {other:?} is neither on-create nor never")),
+        other => {
+            return Err(format!(
+                "imagePullPolicy {other:?} is neither on-create nor never"
+            ))
+        }
     };
 
     // IoT Edge's module environment first, then createOptions.Env, then
@@ -350,9 +364,10 @@ fn module_objects(
     if let Some(h) = &device.iothub_hostname {
         env.insert("IOTEDGE_IOTHUBHOSTNAME".into(), h.clone());
     }
-    let gateway = device.gateway_hostname.clone().or_else(|| {
-        hub_service.map(|svc| format!("{svc}.{}.svc", target.namespace))
-    });
+    let gateway = device
+        .gateway_hostname
+        .clone()
+        .or_else(|| hub_service.map(|svc| format!("{svc}.{}.svc", target.namespace)));
     if let (Some(g), false) = (gateway, name == EDGE_HUB) {
         env.insert("IOTEDGE_GATEWAYHOSTNAME".into(), g);
     }
@@ -413,7 +428,10 @@ fn module_objects(
         limits.insert("memory".to_owned(), Quantity(m.to_string()));
     }
     if let Some(c) = opts.nano_cpus {
-        limits.insert("cpu".to_owned(), Quantity(format!("{}m", (c / 1_000_000).max(1))));
+        limits.insert(
+            "cpu".to_owned(),
+            Quantity(format!("{}m", (c / 1_000_000).max(1))),
+        );
     }
     let container = Container {
         name: k8s.to_owned(),
@@ -558,7 +576,14 @@ mod tests {
     }
 
     fn env_of(d: &Deployment) -> BTreeMap<String, String> {
-        d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        d.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
             .env
             .iter()
             .flatten()
@@ -583,7 +608,10 @@ mod tests {
         let d = &p.deployments[0];
         let ds = d.spec.as_ref().unwrap();
         assert_eq!(ds.replicas, Some(1));
-        assert_eq!(ds.strategy.as_ref().unwrap().type_.as_deref(), Some("Recreate"));
+        assert_eq!(
+            ds.strategy.as_ref().unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
         let env = env_of(d);
         assert_eq!(env["IOTEDGE_DEVICEID"], "edge1");
         assert_eq!(env["IOTEDGE_MODULEID"], "edgeHub");
@@ -605,7 +633,10 @@ mod tests {
         );
         assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
         assert_eq!(p.claims[0].metadata.name.as_deref(), Some("edgehub-data"));
-        assert_eq!(p.config_maps[0].metadata.name.as_deref(), Some("edgehub-deployment"));
+        assert_eq!(
+            p.config_maps[0].metadata.name.as_deref(),
+            Some("edgehub-deployment")
+        );
         assert_eq!(p.service_accounts.len(), 1);
     }
 
@@ -625,8 +656,16 @@ mod tests {
         let (k8s, unsupported) = &p.modules["my_sensor"];
         assert!(k8s.starts_with("my-sensor-"), "{k8s}");
         assert_eq!(
-            unsupported.iter().map(|u| u.split(' ').next().unwrap()).collect::<Vec<_>>(),
-            ["HostConfig.Binds", "HostConfig.CapAdd", "NetworkingConfig", "restartPolicy"]
+            unsupported
+                .iter()
+                .map(|u| u.split(' ').next().unwrap())
+                .collect::<Vec<_>>(),
+            [
+                "HostConfig.Binds",
+                "HostConfig.CapAdd",
+                "NetworkingConfig",
+                "restartPolicy"
+            ]
         );
         let d = p
             .deployments
@@ -636,17 +675,37 @@ mod tests {
         let env = env_of(d);
         assert_eq!((env["A"].as_str(), env["B"].as_str()), ("1", "3"));
         assert_eq!(env["IOTEDGE_GATEWAYHOSTNAME"], "edgehub.msiot-hub-dev.svc");
-        let c = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        let c = &d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
         assert_eq!(c.args, Some(vec!["--fast".to_owned()]));
         assert_eq!(
             c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"],
             Quantity("134217728".into())
         );
-        let ports: Vec<_> = c.ports.iter().flatten().map(|p| (p.container_port, p.protocol.clone().unwrap())).collect();
+        let ports: Vec<_> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.container_port, p.protocol.clone().unwrap()))
+            .collect();
         assert_eq!(ports, [(8080, "TCP".to_owned()), (9000, "UDP".to_owned())]);
-        let svc = p.services.iter().find(|s| s.metadata.name.as_deref() == Some(k8s)).unwrap();
+        let svc = p
+            .services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(k8s))
+            .unwrap();
         let port = &svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
-        assert_eq!((port.port, port.target_port.clone()), (80, Some(IntOrString::Int(8080))));
+        assert_eq!(
+            (port.port, port.target_port.clone()),
+            (80, Some(IntOrString::Int(8080)))
+        );
     }
 
     #[test]
@@ -663,11 +722,16 @@ mod tests {
     #[test]
     fn whole_manifest_errors_name_the_module() {
         let s = spec(&[("m", module("x", "{not json"))]);
-        assert!(matches!(plan(&s, &T), Err(TranslateError::Module(m, why)) if m == "m" && why.contains("not JSON")));
+        assert!(
+            matches!(plan(&s, &T), Err(TranslateError::Module(m, why)) if m == "m" && why.contains("not JSON"))
+        );
         let mut bad = module("x", "");
         bad.status = Some("paused".into());
         assert!(plan(&spec(&[("m", bad)]), &T).is_err());
-        let s = spec(&[("m", module("x", r#"{"HostConfig":{"PortBindings":{"http/tcp":[]}}}"#))]);
+        let s = spec(&[(
+            "m",
+            module("x", r#"{"HostConfig":{"PortBindings":{"http/tcp":[]}}}"#),
+        )]);
         assert!(plan(&s, &T).is_err());
     }
 }

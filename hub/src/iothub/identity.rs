@@ -81,6 +81,45 @@ pub struct ModuleSpec {
     pub secondary_key: Option<String>,
 }
 
+/// The modules every edge device has in IoT Hub's registry.
+pub const EDGE_SYSTEM_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
+
+/// Registers this edge device (`--device-id`) with its system modules when
+/// they are missing (keys generated); what is registered stays as it is.
+pub fn ensure_edge_device(identities: &Identities, device_id: &str) -> Result<(), RegistryError> {
+    fn key() -> String {
+        use base64::Engine;
+        let bytes: [u8; 32] = rand::random();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+    identities.modify(device_id, |current| {
+        let mut spec = current.clone().unwrap_or_else(|| DeviceSpec {
+            device_id: device_id.to_owned(),
+            primary_key: key(),
+            secondary_key: Some(key()),
+            x509: None,
+            modules: Vec::new(),
+        });
+        for m in EDGE_SYSTEM_MODULES {
+            if !spec.modules.iter().any(|x| x.module_id == m) {
+                spec.modules.push(ModuleSpec {
+                    module_id: m.to_owned(),
+                    primary_key: key(),
+                    secondary_key: Some(key()),
+                });
+            }
+        }
+        let changed = current.as_ref() != Some(&spec);
+        if changed {
+            tracing::info!(
+                device = device_id,
+                "edge device registered with $edgeAgent and $edgeHub"
+            );
+        }
+        Ok((changed.then_some(spec), ()))
+    })
+}
+
 /// Ids as IoT Hub allows them: up to 128 characters of ASCII letters, digits
 /// and `-.%_*?!(),:=@$'` (no `/`, which would break topics).
 pub fn valid_id(id: &str) -> bool {

@@ -140,6 +140,40 @@ fn merge(target: &mut Map<String, Value>, patch: Map<String, Value>) {
     }
 }
 
+/// The patch that turns `old` into `new` (both without `$`-metadata):
+/// changed values as they are in `new`, removed keys as `null`, objects
+/// diffed key by key. Empty when they are equal.
+pub fn diff(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for (k, was) in old.iter().filter(|(k, _)| !k.starts_with('$')) {
+        match new.get(k) {
+            None => {
+                patch.insert(k.clone(), Value::Null);
+            }
+            Some(Value::Object(n)) => {
+                if let Value::Object(o) = was {
+                    let d = diff(o, n);
+                    if !d.is_empty() {
+                        patch.insert(k.clone(), Value::Object(d));
+                    }
+                } else {
+                    patch.insert(k.clone(), Value::Object(n.clone()));
+                }
+            }
+            Some(v) if v != was => {
+                patch.insert(k.clone(), v.clone());
+            }
+            Some(_) => {}
+        }
+    }
+    for (k, v) in new.iter().filter(|(k, _)| !k.starts_with('$')) {
+        if !old.contains_key(k) {
+            patch.insert(k.clone(), v.clone());
+        }
+    }
+    patch
+}
+
 /// Applies `patch` to one section (with its version bumped), or leaves the
 /// section as it was and says why not.
 fn apply(
@@ -258,6 +292,23 @@ impl Twins {
         Ok((twin, pushed))
     }
 
+    /// Replaces the desired properties as a whole (a deployment does): the
+    /// change is applied as the patch from the current to the new document,
+    /// so the identity gets one ordinary desired-properties patch, removed
+    /// keys as `null`. Nothing changes (no version bump) when they are equal.
+    pub fn replace_desired(
+        &self,
+        identity: &str,
+        desired: Map<String, Value>,
+    ) -> Result<(Twin, Option<Value>), TwinError> {
+        let current = self.get(identity)?;
+        let patch = diff(&current.desired, &desired);
+        if patch.is_empty() {
+            return Ok((current, None));
+        }
+        self.patch_desired(identity, Some(patch), None)
+    }
+
     /// Forgets the twin (its identity was deleted).
     pub fn remove(&self, identity: &str) -> Result<(), TwinError> {
         let _w = self.write.lock();
@@ -325,6 +376,33 @@ mod tests {
         assert_eq!(Value::Object(t.tags), json!({"site": "a", "floor": 3}));
         // Module twins are their own.
         assert_eq!(twins.get("dev1/mod").unwrap(), Twin::default());
+    }
+
+    #[test]
+    fn replacing_desired_sends_the_difference_and_removes_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let twins = open(dir.path());
+        let first = obj(
+            json!({"modules": {"a": {"image": "a:1"}, "b": {"image": "b:1"}}, "schemaVersion": "1.1"}),
+        );
+        let (t, push) = twins
+            .replace_desired("d/$edgeAgent", first.clone())
+            .unwrap();
+        assert_eq!(t.desired_version(), 2);
+        assert_eq!(push.unwrap()["modules"]["b"]["image"], "b:1");
+        let (t, push) = twins.replace_desired("d/$edgeAgent", first).unwrap();
+        assert!(push.is_none(), "same document: no patch");
+        assert_eq!(t.desired_version(), 2);
+        let second = obj(json!({"modules": {"a": {"image": "a:2"}}, "schemaVersion": "1.1"}));
+        let (t, push) = twins.replace_desired("d/$edgeAgent", second).unwrap();
+        assert_eq!(
+            push.unwrap(),
+            json!({"modules": {"a": {"image": "a:2"}, "b": null}, "$version": 3})
+        );
+        assert_eq!(
+            t.desired,
+            obj(json!({"modules": {"a": {"image": "a:2"}}, "schemaVersion": "1.1", "$version": 3}))
+        );
     }
 
     #[test]
