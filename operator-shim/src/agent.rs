@@ -54,6 +54,10 @@ pub struct AgentConfig {
     pub port: u16,
     ca_pem: Option<Vec<u8>>,
     pub namespace: String,
+    /// The namespace was not given: it is `msiot-<hub>-<device>` and the
+    /// agent creates it (needs cluster rights; with a namespace given, a
+    /// namespaced Role is enough).
+    create_namespace: bool,
 }
 
 impl AgentConfig {
@@ -96,6 +100,7 @@ impl AgentConfig {
         let ca_pem = ca
             .map(|p| std::fs::read(p).map_err(|e| AgentError::Ca(p.display().to_string(), e)))
             .transpose()?;
+        let create_namespace = namespace.is_none();
         let namespace = namespace.unwrap_or_else(|| device_namespace(&iothub_hostname, &device_id));
         Ok(AgentConfig {
             iothub_hostname,
@@ -106,6 +111,7 @@ impl AgentConfig {
             port,
             ca_pem,
             namespace,
+            create_namespace,
         })
     }
 
@@ -198,6 +204,7 @@ pub fn spec_for(cfg: &AgentConfig, desired: &Value) -> Result<EdgeDeploymentSpec
         &translate::Target {
             owner: &name,
             namespace: &cfg.namespace,
+            external_hub: false,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -224,7 +231,7 @@ pub async fn deploy(
         }
     };
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(&cfg.namespace).await?.is_none() {
+    if cfg.create_namespace && namespaces.get_opt(&cfg.namespace).await?.is_none() {
         let ns =
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cfg.namespace}});
         namespaces

@@ -35,6 +35,9 @@ enum Command {
         name: String,
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// Leave the `edgeHub` module to whoever installed the hub.
+        #[arg(long)]
+        external_hub: bool,
     },
     /// Reconcile EdgeDeployments (in-cluster config or KUBECONFIG).
     Run {
@@ -56,6 +59,10 @@ enum Command {
         /// Hub MQTTS port.
         #[arg(long, env = "EDGEHUB_MQTTS_PORT", default_value_t = 8883)]
         hub_port: u16,
+        /// The hub is installed by other means (the Helm chart does): the
+        /// `edgeHub` module gets no objects; its status is still reported.
+        #[arg(long, env = "EDGEHUB_EXTERNAL_HUB")]
+        external_hub: bool,
         /// Where the agent writes the EdgeDeployment; default
         /// `msiot-<hub>-<device>` (created when missing).
         #[arg(long, env = "EDGEHUB_DEVICE_NAMESPACE")]
@@ -76,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
             file,
             name,
             namespace,
+            external_hub,
         } => {
             let raw =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
@@ -96,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 &translate::Target {
                     owner: &name,
                     namespace: &namespace,
+                    external_hub,
                 },
             )?;
             for (module, (_, unsupported)) in &plan.modules {
@@ -119,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
             edge_agent,
             hub_ca,
             hub_port,
+            external_hub,
             device_namespace,
         } => {
             let client = kube::Client::try_default()
@@ -131,8 +141,12 @@ async fn main() -> anyhow::Result<()> {
                     let _ = rx.wait_for(|s| *s).await;
                 }
             };
-            let controller =
-                tokio::spawn(reconcile::run(client.clone(), namespace.clone(), shutdown));
+            let controller = tokio::spawn(reconcile::run(
+                client.clone(),
+                namespace.clone(),
+                external_hub,
+                shutdown,
+            ));
             let agent = match edge_agent {
                 Some(cs) => {
                     let cfg = agent::AgentConfig::new(
@@ -148,7 +162,13 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            tokio::signal::ctrl_c().await?;
+            // SIGTERM is how Kubernetes stops a pod; SIGINT for a terminal.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r?,
+                _ = term.recv() => {}
+            }
             tracing::info!("stopping");
             let _ = stop_tx.send(true);
             controller.await?;

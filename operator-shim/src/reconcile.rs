@@ -44,10 +44,12 @@ pub enum Error {
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    /// The hub is installed by other means (the chart): leave `edgeHub` be.
+    pub external_hub: bool,
 }
 
 impl Context {
-    pub fn new(client: Client) -> Arc<Context> {
+    pub fn new(client: Client, external_hub: bool) -> Arc<Context> {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -55,7 +57,11 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
-        Arc::new(Context { client, recorder })
+        Arc::new(Context {
+            client,
+            recorder,
+            external_hub,
+        })
     }
 }
 
@@ -64,6 +70,7 @@ impl Context {
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    external_hub: bool,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (deployments, owned): (Api<EdgeDeployment>, Api<Deployment>) = match &namespace {
@@ -73,7 +80,7 @@ pub async fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Context::new(client);
+    let ctx = Context::new(client, external_hub);
     Controller::new(deployments, watcher::Config::default())
         .owns(
             owned,
@@ -104,6 +111,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
     let target = Target {
         owner: &name,
         namespace: &ns,
+        external_hub: ctx.external_hub,
     };
     let plan = match translate::plan(&ed.spec, &target) {
         Ok(p) => p,
@@ -125,7 +133,14 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
         }
     };
     match apply_plan(&ctx.client, &ed, &ns, &plan).await {
-        Ok(deployments) => {
+        Ok(mut deployments) => {
+            if ctx.external_hub {
+                // Not ours to change, but its status is the module's.
+                let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+                if let Some(hub) = api.get_opt(&names::sanitize(translate::EDGE_HUB)).await? {
+                    deployments.push(hub);
+                }
+            }
             let status = status_after_apply(&ed, &plan, &deployments);
             for (module, (_, unsupported)) in &plan.modules {
                 if !unsupported.is_empty() {
@@ -363,14 +378,14 @@ pub fn set_condition(
             }
             c.status = value.into();
             c.reason = reason.into();
-            c.message = message.into();
+            c.message = (!message.is_empty()).then(|| message.into());
             c.observed_generation = generation;
         }
         None => status.conditions.push(Condition {
             condition_type: kind.into(),
             status: value.into(),
             reason: reason.into(),
-            message: message.into(),
+            message: (!message.is_empty()).then(|| message.into()),
             last_transition_time: Some(now),
             observed_generation: generation,
         }),
@@ -387,7 +402,14 @@ async fn write_status(
     }
     let api: Api<EdgeDeployment> =
         Api::namespaced(client.clone(), &ed.namespace().unwrap_or_default());
-    let patch = serde_json::json!({ "status": status });
+    let mut patch = serde_json::json!({ "status": status });
+    // A merge patch keeps map keys it does not mention: modules gone from
+    // the spec must be removed explicitly.
+    for gone in ed.status.iter().flat_map(|s| s.modules.keys()) {
+        if !status.modules.contains_key(gone) {
+            patch["status"]["modules"][gone] = serde_json::Value::Null;
+        }
+    }
     api.patch_status(
         &ed.name_any(),
         &PatchParams::default(),

@@ -13,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -64,6 +64,10 @@ pub struct Target<'a> {
     /// The EdgeDeployment's name (labels, object names of shared things).
     pub owner: &'a str,
     pub namespace: &'a str,
+    /// The hub runs already, installed by other means (the Helm chart): the
+    /// `edgeHub` module gets no objects (its status still comes from the
+    /// `edgehub` Deployment).
+    pub external_hub: bool,
 }
 
 pub fn plan(spec: &EdgeDeploymentSpec, target: &Target) -> Result<Plan, TranslateError> {
@@ -87,6 +91,10 @@ pub fn plan(spec: &EdgeDeploymentSpec, target: &Target) -> Result<Plan, Translat
     let mut claims = BTreeSet::new();
     for (name, module) in workloads {
         let k8s = names::sanitize(name);
+        if target.external_hub && name == EDGE_HUB {
+            plan.modules.insert(name.clone(), (k8s, Vec::new()));
+            continue;
+        }
         let built = module_objects(name, &k8s, module, spec, target, hub_service.as_deref())
             .map_err(|why| TranslateError::Module(name.clone(), why))?;
         plan.service_accounts.push(built.service_account);
@@ -113,7 +121,8 @@ pub fn plan(spec: &EdgeDeploymentSpec, target: &Target) -> Result<Plan, Translat
             ..Default::default()
         });
     }
-    if let (Some(hub), Some(settings)) = (&hub_service, &spec.edge_hub) {
+    if let (Some(hub), Some(settings), false) = (&hub_service, &spec.edge_hub, target.external_hub)
+    {
         let json = serde_json::to_string_pretty(settings).expect("settings serialise");
         plan.config_maps.push(ConfigMap {
             metadata: meta(&format!("{hub}-deployment"), target, Some(hub)),
@@ -317,6 +326,67 @@ fn host_config(value: &Value, out: &mut CreateOptions) -> Result<(), String> {
     Ok(())
 }
 
+/// Management API port inside the hub's pod (probes, metrics).
+pub const HUB_MANAGEMENT_PORT: i32 = 8080;
+pub const HUB_MQTTS_PORT: i32 = 8883;
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(HUB_MANAGEMENT_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// What the hub module needs whatever its createOptions say: its data on a
+/// claim (RocksDB; `Recreate` keeps it to one writer), MQTTS exposed, the
+/// management API reachable for probes, its identity.
+fn hub_defaults(
+    opts: &mut CreateOptions,
+    env: &mut BTreeMap<String, String>,
+    spec: &EdgeDeploymentSpec,
+    k8s: &str,
+    target: &Target,
+) {
+    if !opts.volumes.iter().any(|(_, dst, _)| dst == "/data") {
+        opts.volumes
+            .push(("edgehub-data".into(), "/data".into(), false));
+    }
+    opts.container_ports.insert((HUB_MQTTS_PORT, "TCP".into()));
+    opts.container_ports
+        .insert((HUB_MANAGEMENT_PORT, "TCP".into()));
+    if !opts.bindings.iter().any(|(_, c, _)| *c == HUB_MQTTS_PORT) {
+        opts.bindings
+            .insert((HUB_MQTTS_PORT, HUB_MQTTS_PORT, "TCP".into()));
+    }
+    let gateway = spec
+        .device
+        .gateway_hostname
+        .clone()
+        .unwrap_or_else(|| format!("{k8s}.{}.svc", target.namespace));
+    for (k, v) in [
+        ("EDGEHUB_DATA_DIR", "/data".to_owned()),
+        ("EDGEHUB_MQTTS_LISTEN", format!("0.0.0.0:{HUB_MQTTS_PORT}")),
+        (
+            "EDGEHUB_MANAGEMENT_LISTEN",
+            format!("0.0.0.0:{HUB_MANAGEMENT_PORT}"),
+        ),
+        ("EDGEHUB_HOSTNAME", gateway),
+    ] {
+        // The manifest's own env may override these.
+        env.entry(k.into()).or_insert(v);
+    }
+    if let Some(d) = &spec.device.device_id {
+        env.entry("EDGEHUB_DEVICE_ID".into())
+            .or_insert_with(|| d.clone());
+    }
+}
+
 fn module_objects(
     name: &str,
     k8s: &str,
@@ -378,6 +448,11 @@ fn module_objects(
     }
     for (k, v) in &module.env {
         env.insert(k.clone(), v.value.clone());
+    }
+
+    let is_hub = name == EDGE_HUB;
+    if is_hub {
+        hub_defaults(&mut opts, &mut env, spec, k8s, target);
     }
 
     let mut volumes = Vec::new();
@@ -462,6 +537,12 @@ fn module_objects(
                 .collect()
         }),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        readiness_probe: is_hub.then(|| probe("/readyz", 5, 3)),
+        liveness_probe: is_hub.then(|| Probe {
+            // Opening a large store takes seconds, not minutes.
+            initial_delay_seconds: Some(10),
+            ..probe("/healthz", 10, 6)
+        }),
         security_context: opts.privileged.then(|| SecurityContext {
             privileged: Some(true),
             ..Default::default()
@@ -553,6 +634,7 @@ mod tests {
     const T: Target = Target {
         owner: "dep1",
         namespace: "msiot-hub-dev",
+        external_hub: false,
     };
 
     fn module(image: &str, create: &str) -> ModuleSpec {

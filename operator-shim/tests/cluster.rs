@@ -70,7 +70,11 @@ async fn ready_condition(
         .conditions
         .iter()
         .find(|c| c.condition_type == "Ready" && c.observed_generation == Some(generation))?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+    Some((
+        c.status.clone(),
+        c.reason.clone(),
+        c.message.clone().unwrap_or_default(),
+    ))
 }
 
 async fn resource_versions(scope: &Scope) -> BTreeMap<String, String> {
@@ -241,7 +245,7 @@ async fn apply_change_remove_and_bad_manifest() {
     // A second pass changes nothing.
     let before = resource_versions(&scope).await;
     assert_eq!(before.len(), 7, "{before:?}"); // 2 deploy, 1 svc, 2 sa, 1 pvc, 1 cm
-    let ctx = reconcile::Context::new(scope.client.clone());
+    let ctx = reconcile::Context::new(scope.client.clone(), false);
     reconcile::reconcile(
         std::sync::Arc::new(eds.get("dep1").await.unwrap()),
         ctx.clone(),

@@ -68,6 +68,7 @@ impl Scope {
         tokio::spawn(reconcile::run(
             client.clone(),
             Some(ns.clone()),
+            false,
             async move {
                 let _ = rx.await;
             },
