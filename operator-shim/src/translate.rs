@@ -791,6 +791,57 @@ mod tests {
     }
 
     #[test]
+    fn external_hub_gets_no_objects_but_stays_a_module() {
+        let mut s = spec(&[("edgeHub", module("hub", "{}")), ("m", module("x", ""))]);
+        s.edge_hub = Some(EdgeHubSettings::default());
+        let t = Target {
+            external_hub: true,
+            ..T
+        };
+        let p = plan(&s, &t).unwrap();
+        let names: Vec<_> = p
+            .deployments
+            .iter()
+            .map(|d| d.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["m"]);
+        assert!(p.claims.is_empty() && p.config_maps.is_empty() && p.services.is_empty());
+        assert_eq!(p.modules["edgeHub"].0, "edgehub");
+        let env = env_of(&p.deployments[0]);
+        assert_eq!(env["IOTEDGE_GATEWAYHOSTNAME"], "edgehub.msiot-hub-dev.svc");
+    }
+
+    #[test]
+    fn hub_without_options_still_gets_data_probes_and_mqtts() {
+        let s = spec(&[("edgeHub", module("hub", ""))]);
+        let p = plan(&s, &T).unwrap();
+        let c = &p.deployments[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/data");
+        assert_eq!(p.claims[0].metadata.name.as_deref(), Some("edgehub-data"));
+        let probe = c
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        let env = env_of(&p.deployments[0]);
+        assert_eq!(env["EDGEHUB_DATA_DIR"], "/data");
+        assert_eq!(env["EDGEHUB_HOSTNAME"], "edgehub.msiot-hub-dev.svc");
+        let port = &p.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
+        assert_eq!(port.port, 8883);
+    }
+
+    #[test]
     fn stopped_module_scales_to_zero_and_agent_is_skipped() {
         let mut m = module("x", "");
         m.status = Some("stopped".into());

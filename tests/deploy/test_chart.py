@@ -109,6 +109,7 @@ def test_cloud_managed_values_reach_the_pods():
     assert env["EDGEHUB_EDGE_AGENT_CONNECTION_STRING"]["valueFrom"]["secretKeyRef"]["name"] == "edge-agent"
     assert env["EDGEHUB_CA"]["value"] == "/etc/edgehub/tls/ca.crt"
     assert env["EDGEHUB_OPERATOR_NAMESPACE"]["value"] == NAMESPACE
+    assert env["EDGEHUB_EXTERNAL_HUB"]["value"] == "true", "the chart's hub is not the operator's"
 
 
 def test_operator_rbac_is_namespaced_and_minimal():
