@@ -82,6 +82,32 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_DEVICE_ID")]
     pub device_id: Option<String>,
 
+    /// This edge device's IoT Hub connection string
+    /// (`HostName=…;DeviceId=…;SharedAccessKey=…`): its id (as
+    /// --device-id), the IoT Hub host name (as --iothub-hostname) and its
+    /// key, registered locally as the device's primary key (what
+    /// `--upstream-auth chain` signs with).
+    #[arg(long, env = "EDGEHUB_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: Option<String>,
+
+    /// How upstream connections authenticate. `identity`: each device or
+    /// module with a token from its own key (what Azure IoT Hub takes).
+    /// `chain`: IoT Edge's nested scheme, this edge device's token plus
+    /// `auth-chain=leaf;this-device[;parent]` in the username, so a parent
+    /// edgehub needs no leaf keys (needs this device's key: --connection-string).
+    #[arg(
+        long,
+        env = "EDGEHUB_UPSTREAM_AUTH",
+        value_enum,
+        default_value = "identity"
+    )]
+    pub upstream_auth: UpstreamAuthArg,
+
+    /// With `--upstream-auth chain`: the parent edge device's id, appended
+    /// to every chain (a parent edgehub also accepts chains without it).
+    #[arg(long, env = "EDGEHUB_PARENT_DEVICE_ID")]
+    pub parent_device_id: Option<String>,
+
     /// PEM file of the CAs that may sign certificates of devices registered
     /// as `certificateAuthority` (X.509 CA-signed: subject CN = device id).
     #[arg(long, env = "EDGEHUB_TRUST_BUNDLE")]
@@ -167,6 +193,20 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamAuthArg {
+    Identity,
+    Chain,
+}
+
+/// This hub's own edge device identity (--device-id, --connection-string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeDevice {
+    pub id: String,
+    pub iothub_hostname: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DurabilityArg {
     Fsync,
     OsBuffered,
@@ -241,6 +281,58 @@ impl Config {
         let mut c = Config::parse_from(["edgehub"]);
         c.data_dir = data_dir.into();
         c
+    }
+
+    /// The edge device this hub is, from --device-id and/or
+    /// --connection-string (they must agree).
+    pub fn edge_device(&self) -> Result<Option<EdgeDevice>, String> {
+        let Some(cs) = &self.connection_string else {
+            return Ok(self.device_id.clone().map(|id| EdgeDevice {
+                id,
+                iothub_hostname: None,
+                key: None,
+            }));
+        };
+        let mut host = None;
+        let mut id = None;
+        let mut key = None;
+        for part in cs.split(';').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("--connection-string: {part:?} is not Key=Value"))?;
+            match k.trim().to_ascii_lowercase().as_str() {
+                "hostname" => host = Some(v.trim().to_owned()),
+                "deviceid" => id = Some(v.trim().to_owned()),
+                "sharedaccesskey" => key = Some(v.trim().to_owned()),
+                "moduleid" => {
+                    return Err(
+                        "--connection-string names a module; it must be the edge device's own"
+                            .into(),
+                    )
+                }
+                _ => {} // GatewayHostName and others: not ours to use
+            }
+        }
+        let id = id.ok_or("--connection-string has no DeviceId")?;
+        if let Some(d) = &self.device_id {
+            if !d.eq_ignore_ascii_case(&id) {
+                return Err(format!(
+                    "--device-id {d:?} and --connection-string's DeviceId {id:?} differ"
+                ));
+            }
+        }
+        let key = key.ok_or("--connection-string has no SharedAccessKey")?;
+        {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(&key)
+                .map_err(|_| "--connection-string: SharedAccessKey is not base64".to_owned())?;
+        }
+        Ok(Some(EdgeDevice {
+            id,
+            iothub_hostname: host,
+            key: Some(key),
+        }))
     }
 
     pub fn hostname(&self) -> String {

@@ -353,6 +353,11 @@ struct DeviceRequest {
     x509: Option<X509Spec>,
     #[serde(default)]
     modules: Vec<ModuleRequest>,
+    /// An IoT Edge device (may act for the devices under it).
+    #[serde(default)]
+    edge: bool,
+    /// The edge device this one is registered under.
+    parent: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -394,6 +399,8 @@ fn spec_from(device_id: String, r: DeviceRequest) -> DeviceSpec {
                 secondary_key: m.secondary_key,
             })
             .collect(),
+        edge: r.edge,
+        parent: r.parent,
     }
 }
 
@@ -871,13 +878,77 @@ struct AuthenticationJson {
 }
 
 /// A device or module as IoT Hub's registry API takes it; fields we do not
-/// keep (etag, status, capabilities, …) are accepted and ignored.
+/// keep (etag, status, …) are accepted and ignored.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct IotHubIdentityJson {
     device_id: Option<String>,
     module_id: Option<String>,
     authentication: Option<AuthenticationJson>,
+    capabilities: Option<CapabilitiesJson>,
+    /// A leaf: its parent edge's scope. An edge device: its own scope.
+    device_scope: Option<String>,
+    /// An edge device: its parent edge's scope.
+    parent_scopes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct CapabilitiesJson {
+    #[serde(default)]
+    iot_edge: bool,
+}
+
+const SCOPE_PREFIX: &str = "ms-azure-iot-edge://";
+
+/// The scope IoT Hub gives an edge device (we leave out its generation id).
+fn scope_of(edge_device: &str) -> String {
+    format!("{SCOPE_PREFIX}{edge_device}")
+}
+
+/// The edge device a scope names: `ms-azure-iot-edge://{id}`, or IoT Hub's
+/// `…{id}-{generation id}`; it must be registered as an edge device.
+fn device_of_scope(
+    registry: &crate::iothub::identity::Registry,
+    scope: &str,
+) -> Result<String, String> {
+    let rest = scope
+        .strip_prefix(SCOPE_PREFIX)
+        .ok_or_else(|| format!("scope {scope:?} does not start with {SCOPE_PREFIX}"))?;
+    let candidates = std::iter::once(rest).chain(
+        rest.rsplit_once('-')
+            .filter(|(_, g)| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+            .map(|(id, _)| id),
+    );
+    for id in candidates {
+        if let Some(d) = registry.device(id) {
+            if d.edge {
+                return Ok(d.id.clone());
+            }
+            return Err(format!(
+                "scope {scope:?} names {id:?}, which is not an edge device"
+            ));
+        }
+    }
+    Err(format!("scope {scope:?} names no registered edge device"))
+}
+
+/// (edge, parent) from an IoT Hub identity body.
+fn parse_scopes(
+    req: &IotHubIdentityJson,
+    registry: &crate::iothub::identity::Registry,
+) -> Result<(bool, Option<String>), String> {
+    let edge = req.capabilities.as_ref().is_some_and(|c| c.iot_edge);
+    let parent_scope = if edge {
+        req.parent_scopes.as_ref().and_then(|p| p.first())
+    } else {
+        req.device_scope.as_ref()
+    };
+    let parent = parent_scope
+        .filter(|s| !s.is_empty())
+        .map(|s| device_of_scope(registry, s))
+        .transpose()?;
+    Ok((edge, parent))
 }
 
 /// (primary key, secondary key, X.509) from an `authentication` object;
@@ -993,9 +1064,21 @@ fn module_connection_string(m: &Management, device: &str, ms: &ModuleSpec) -> St
 /// A device as IoT Hub's registry API shows it, plus (our addition) the
 /// connection string that points an SDK at this gateway.
 fn iothub_device_json(m: &Management, d: &DeviceSpec) -> serde_json::Value {
+    let device_scope = if d.edge {
+        Some(scope_of(&d.device_id))
+    } else {
+        d.parent.as_deref().map(scope_of)
+    };
+    let parent_scopes: Vec<String> = match (d.edge, &d.parent) {
+        (true, Some(p)) => vec![scope_of(p)],
+        _ => Vec::new(),
+    };
     serde_json::json!({
         "deviceId": d.device_id,
         "status": "enabled",
+        "capabilities": {"iotEdge": d.edge},
+        "deviceScope": device_scope,
+        "parentScopes": parent_scopes,
         "authentication": authentication_json(&d.primary_key, d.secondary_key.as_deref(), d.x509.as_ref()),
         "connectionString": device_connection_string(m, d),
     })
@@ -1078,6 +1161,12 @@ async fn iothub_put_device(
         Ok(a) => a,
         Err((status, why)) => return error(status, why),
     };
+    let scopes = parse_json::<IotHubIdentityJson>(&body)
+        .and_then(|req| parse_scopes(&req, &m.identities.registry()));
+    let (edge, parent) = match scopes {
+        Ok(x) => x,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
     let m2 = m.clone();
     blocking(
         move || {
@@ -1090,6 +1179,8 @@ async fn iothub_put_device(
                     secondary_key,
                     x509,
                     modules: current.map(|c| c.modules).unwrap_or_default(),
+                    edge,
+                    parent,
                 };
                 Ok((Some(spec.clone()), spec))
             })

@@ -43,6 +43,8 @@ pub enum ServerError {
     Token(std::io::Error),
     #[error("identity registry: {0}")]
     Registry(String),
+    #[error("{0}")]
+    Config(String),
     #[error("the stored deployment no longer loads ({0}); PUT a new one or start with --routes")]
     StoredDeployment(String),
     #[error(transparent)]
@@ -231,10 +233,12 @@ impl Server {
                 .map_err(|e| ServerError::Registry(e.to_string()))?,
         );
         let pipeline = Arc::new(Pipeline::new(store, routes));
-        if let Some(device) = &config.device_id {
-            crate::iothub::identity::ensure_edge_device(&identities, device)
+        let edge = config.edge_device().map_err(ServerError::Config)?;
+        if let Some(e) = &edge {
+            crate::iothub::identity::ensure_edge_device(&identities, &e.id, e.key.as_deref())
                 .map_err(|e| ServerError::Registry(e.to_string()))?;
         }
+        let edge_id = edge.as_ref().map(|e| e.id.clone());
         let devices = identities.registry().len();
         info!(devices, "IoT Hub identities loaded");
         if config.allow_anonymous {
@@ -246,7 +250,8 @@ impl Server {
             identities.clone(),
             &config.hostname(),
             config.allow_anonymous,
-        );
+        )
+        .with_own_device(edge_id.clone());
         if let Some(path) = &config.trust_bundle {
             auth = auth.with_trust_bundle(crate::iothub::x509::TrustBundle::load(path)?);
         }
@@ -292,11 +297,36 @@ impl Server {
         let twins = Arc::new(crate::iothub::twin::Twins::new(pipeline.store().clone()));
         let services = crate::iothub::services::Services::new(broker.clone(), twins);
         let upstream = match &config.upstream {
-            Some(url) => Some(Arc::new(crate::upstream::UpstreamConfig::new(
-                url,
-                config.upstream_ca.as_deref(),
-                config.iothub_hostname.as_deref(),
-            )?)),
+            Some(url) => {
+                let auth = match config.upstream_auth {
+                    crate::config::UpstreamAuthArg::Identity => {
+                        crate::upstream::UpstreamAuth::Identity
+                    }
+                    crate::config::UpstreamAuthArg::Chain => {
+                        let Some(e) = edge.as_ref().filter(|e| e.key.is_some()) else {
+                            return Err(ServerError::Config(
+                                "--upstream-auth chain signs with this edge device's key: give --connection-string".into(),
+                            ));
+                        };
+                        crate::upstream::UpstreamAuth::Chain {
+                            device: e.id.clone(),
+                            parent: config.parent_device_id.clone(),
+                        }
+                    }
+                };
+                let hostname = config
+                    .iothub_hostname
+                    .clone()
+                    .or_else(|| edge.as_ref().and_then(|e| e.iothub_hostname.clone()));
+                Some(Arc::new(
+                    crate::upstream::UpstreamConfig::new(
+                        url,
+                        config.upstream_ca.as_deref(),
+                        hostname.as_deref(),
+                    )?
+                    .with_auth(auth),
+                ))
+            }
             None => None,
         };
         Ok(Server {
@@ -306,7 +336,7 @@ impl Server {
             upstream_status: Arc::default(),
             identities,
             gateway_hostname: config.hostname(),
-            edge_device: config.device_id.clone(),
+            edge_device: edge_id.clone(),
             pipeline,
             management: Some(management),
             management_token,

@@ -66,6 +66,22 @@ pub struct UpstreamConfig {
     /// The host name tokens and usernames name (the IoT Hub's, or the
     /// parent edgehub's `--hostname`).
     pub iothub_hostname: String,
+    pub auth: UpstreamAuth,
+}
+
+/// How each identity's upstream connection authenticates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamAuth {
+    /// A token signed with the identity's own key (Azure IoT Hub's way; the
+    /// parent must know every key).
+    Identity,
+    /// IoT Edge's nested scheme: `auth-chain=leaf;device[;parent]` in the
+    /// username and a token of this edge `device` (its own key), so the
+    /// parent needs no leaf keys, only the leaves registered under us.
+    Chain {
+        device: String,
+        parent: Option<String>,
+    },
 }
 
 impl UpstreamConfig {
@@ -118,7 +134,13 @@ impl UpstreamConfig {
             port,
             tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
             iothub_hostname: iothub_hostname.unwrap_or(host).to_owned(),
+            auth: UpstreamAuth::Identity,
         })
+    }
+
+    pub fn with_auth(mut self, auth: UpstreamAuth) -> UpstreamConfig {
+        self.auth = auth;
+        self
     }
 }
 
@@ -200,6 +222,10 @@ impl Default for UpstreamStatus {
 }
 
 impl UpstreamStatus {
+    fn is_up(&self) -> bool {
+        self.inner.lock().state == LinkState::Up
+    }
+
     /// Records a change; `false` when the state was already `to`.
     fn set(&self, to: LinkState, reason: &str) -> bool {
         let mut s = self.inner.lock();
@@ -377,8 +403,13 @@ enum OpenError {
     /// Our side: the identity cannot be forwarded as things stand (no key,
     /// no longer registered). Retried slowly, without slowing the others.
     Local(String),
-    /// The parent is unreachable or refused: shared backoff.
+    /// The parent is unreachable or broke the connection: shared backoff.
     Remote(String),
+    /// The parent answered and refused this identity (CONNACK 4/5): its
+    /// own slow retry, so one identity the parent does not accept (say, a
+    /// leaf not registered under us there) neither delays the others nor
+    /// marks a link down that carries them.
+    Refused(String),
 }
 
 impl Link {
@@ -389,11 +420,27 @@ impl Link {
             Some((d, m)) => (d, Some(m)),
             None => (identity, None),
         };
+        // Chain mode signs every connection as this edge device.
+        let (signer_device, signer_module, chain) = match &cfg.auth {
+            UpstreamAuth::Identity => (device, module, None),
+            UpstreamAuth::Chain {
+                device: own,
+                parent,
+            } => {
+                let mut chain = format!("{identity};{own}");
+                if let Some(p) = parent {
+                    chain.push(';');
+                    chain.push_str(p);
+                }
+                (own.as_str(), None, Some(chain))
+            }
+        };
+        let (device, module) = (signer_device, signer_module);
         let key = {
             let reg = sh.identities.registry();
             let dev = reg
                 .device(device)
-                .ok_or_else(|| OpenError::Local(format!("{identity} is not registered")))?;
+                .ok_or_else(|| OpenError::Local(format!("{device} is not registered")))?;
             let keys = match module {
                 None => dev.keys.all(),
                 Some(m) => dev
@@ -443,8 +490,9 @@ impl Link {
             client_id: Str::from(identity),
             will: None,
             username: Some(Str::from(format!(
-                "{}/{identity}/?api-version=2021-04-12&DeviceClientType=edgehub",
-                cfg.iothub_hostname
+                "{}/{identity}/?api-version=2021-04-12&DeviceClientType=edgehub{}",
+                cfg.iothub_hostname,
+                chain.map_or(String::new(), |c| format!("&auth-chain={c}"))
             ))),
             password: Some(Bytes::from(token)),
         })));
@@ -454,13 +502,19 @@ impl Link {
         match tokio::time::timeout(CONNECT_TIMEOUT, link.recv()).await {
             Err(_) => Err(remote("no CONNACK in time".into())),
             Ok(Ok(Packet::ConnAck(a))) if a.code == 0 => Ok(link),
+            Ok(Ok(Packet::ConnAck(a))) if a.code == 4 || a.code == 5 => {
+                Err(OpenError::Refused(format!(
+                    "upstream refused {identity}: {}",
+                    if a.code == 4 {
+                        "bad user name or password (code 4)"
+                    } else {
+                        "not authorized (code 5)"
+                    }
+                )))
+            }
             Ok(Ok(Packet::ConnAck(a))) => Err(remote(format!(
-                "upstream refused {identity}: {}",
-                match a.code {
-                    4 => "bad user name or password (code 4)".to_string(),
-                    5 => "not authorized (code 5)".to_string(),
-                    c => format!("code {c}"),
-                }
+                "upstream refused {identity}: code {}",
+                a.code
             ))),
             Ok(Ok(p)) => Err(remote(format!("{} before CONNACK", p.name()))),
             Ok(Err(e)) => Err(remote(e)),
@@ -530,6 +584,18 @@ async fn identity_worker(
                 let delay = sh.backoff.failed();
                 sh.link(LinkState::Down, &e);
                 debug!(identity, error = %e, retry_in_ms = delay.as_millis() as u64, "upstream connection failed");
+                continue;
+            }
+            Err(OpenError::Refused(e)) => {
+                if !sh.status.is_up() {
+                    sh.link(LinkState::Down, &e);
+                }
+                warn!(identity, error = %e, retry_in_s = LOCAL_RETRY.as_secs(),
+                    "the parent refused this identity; its messages stay stored");
+                tokio::select! {
+                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
+                    _ = shutdown.changed() => return,
+                }
                 continue;
             }
             Err(OpenError::Local(e)) => {

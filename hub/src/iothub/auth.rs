@@ -19,6 +19,8 @@ pub struct IotHubAuth {
     /// Our host name; the IoT Hub's comes from the registry.
     gateway_hostname: String,
     allow_anonymous: bool,
+    /// `--device-id`: the edge device this hub is; auth chains end here.
+    own_device: Option<String>,
 }
 
 impl IotHubAuth {
@@ -32,7 +34,127 @@ impl IotHubAuth {
             trust_bundle: Arc::default(),
             gateway_hostname: gateway_hostname.to_owned(),
             allow_anonymous,
+            own_device: None,
         }
+    }
+
+    /// This hub's own edge device id (where auth chains end).
+    pub fn with_own_device(mut self, device: Option<String>) -> IotHubAuth {
+        self.own_device = device;
+        self
+    }
+
+    /// A child edge hub acting for `leaf` (IoT Edge's nested scheme): the
+    /// username carries `auth-chain=leaf;child[;…;parent]`, the token is the
+    /// child's own (signed with its key, for its own resource). Accepted
+    /// only when, in our registry, the leaf sits under the child (or is one
+    /// of the child's modules), every edge device in the chain is registered
+    /// under the next one, and the chain ends at this hub (our `--device-id`)
+    /// or at a top-level edge device of our registry. So the parent needs
+    /// no leaf keys, and a child can act only for its own descendants.
+    fn authenticate_chain(
+        &self,
+        registry: &Registry,
+        client: (&str, Option<&str>),
+        chain: &str,
+        password: Option<&[u8]>,
+    ) -> Result<Principal, AuthError> {
+        let refuse = |why: String| {
+            Err(AuthError::NotAuthorized(format!(
+                "auth-chain {chain:?}: {why}"
+            )))
+        };
+        let links: Vec<&str> = chain.split(';').collect();
+        if links.len() < 2 || links.iter().any(|l| l.is_empty()) {
+            return refuse("needs at least leaf;edge".into());
+        }
+        let Some((leaf_device, leaf_module)) = split_identity(links[0]) else {
+            return refuse("leaf is not deviceId or deviceId/moduleId".into());
+        };
+        if !same(leaf_device, client.0)
+            || leaf_module.map(str::to_lowercase) != client.1.map(str::to_lowercase)
+        {
+            return refuse(format!("leaf {:?} is not the client", links[0]));
+        }
+        let Some(leaf) = registry.device(leaf_device) else {
+            return refuse(format!("unknown device {leaf_device:?}"));
+        };
+        let name = match leaf_module {
+            None => leaf.id.clone(),
+            Some(m) => match leaf.modules.get(&m.to_lowercase()) {
+                Some((mid, _)) => format!("{}/{mid}", leaf.id),
+                None => return refuse(format!("unknown module {leaf_device}/{m}")),
+            },
+        };
+        let actor_id = links[1];
+        let Some(actor) = registry.device(actor_id) else {
+            return refuse(format!("unknown edge device {actor_id:?}"));
+        };
+        if !actor.edge {
+            return refuse(format!("{:?} is not an edge device", actor.id));
+        }
+        let under_actor =
+            same(&leaf.id, &actor.id) || leaf.parent.as_deref().is_some_and(|p| same(p, &actor.id));
+        if !under_actor {
+            return refuse(format!(
+                "{:?} is not registered under {:?}",
+                leaf.id, actor.id
+            ));
+        }
+        for pair in links[1..].windows(2) {
+            let (child, parent) = (pair[0], pair[1]);
+            let c = registry.device(child).filter(|d| d.edge);
+            if !c.is_some_and(|c| c.parent.as_deref().is_some_and(|p| same(p, parent))) {
+                return refuse(format!(
+                    "{child:?} is not an edge device registered under {parent:?}"
+                ));
+            }
+        }
+        let last = links[links.len() - 1];
+        // The chain may name this hub last, or stop at its child (whose
+        // parent is then this hub), or at a top-level edge device when this
+        // hub has no device id of its own (it is the root, as IoT Hub is).
+        let ends_here = self.own_device.as_deref().is_some_and(|own| {
+            same(last, own)
+                || registry
+                    .device(last)
+                    .and_then(|d| d.parent.as_deref())
+                    .is_some_and(|p| same(p, own))
+        }) || (self.own_device.is_none()
+            && registry
+                .device(last)
+                .is_some_and(|d| d.edge && d.parent.is_none()));
+        if !ends_here {
+            return refuse(format!("chain ends at {last:?}, not at this hub"));
+        }
+        let Some(password) = password else {
+            return refuse("no SAS token of the acting edge device".into());
+        };
+        let token = std::str::from_utf8(password)
+            .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))
+            .and_then(|t| {
+                SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
+            })?;
+        let sr: Vec<&str> = token.resource.split('/').collect();
+        let sr_ok = matches!(sr.as_slice(), [h, "devices", d]
+            if self.known_host(registry, h) && same(d, &actor.id));
+        if !sr_ok {
+            return Err(AuthError::BadCredentials(format!(
+                "auth-chain token resource {:?} is not edge device {:?} on this gateway or its IoT Hub",
+                token.resource, actor.id
+            )));
+        }
+        token
+            .check_expiry(now())
+            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        token
+            .verify(&actor.keys.all())
+            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+        Ok(Principal {
+            name: name.into(),
+            anonymous: false,
+            valid_until: Some(token.expiry + super::sas::EXPIRY_SKEW_SECS),
+        })
     }
 
     /// CAs that may vouch for CA-signed X.509 devices.
@@ -195,12 +317,19 @@ impl Authenticator for IotHubAuth {
                 ))
             }
         }
+        let password = info.password.filter(|p| !p.is_empty());
+        let query = username.split_once("/?").map_or("", |(_, q)| q);
+        if let Some(chain) = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("auth-chain="))
+        {
+            return self.authenticate_chain(&registry, (device, module), chain, password);
+        }
         let Some(dev) = registry.device(device) else {
             return Err(AuthError::NotAuthorized(format!(
                 "unknown device {device:?}"
             )));
         };
-        let password = info.password.filter(|p| !p.is_empty());
         if password.is_none() {
             if let Some(chain) = info.peer_certificates.filter(|c| !c.is_empty()) {
                 if module.is_some() {
@@ -360,6 +489,106 @@ mod tests {
 
     fn later() -> u64 {
         now() + 3600
+    }
+
+    /// Parent "top" (this hub) ← edge "child" ← leaf "leaf1" (+ module);
+    /// "other" is an edge beside child with "leaf2" under it.
+    fn nested(own: Option<&str>) -> IotHubAuth {
+        const EDGE_KEY: &str = "Y2hpbGQtZWRnZS1rZXktMDEyMzQ1Njc4OWFi";
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            f,
+            r#"{{"devices": [
+                {{"deviceId": "top", "primaryKey": "{DEV_KEY}", "edge": true}},
+                {{"deviceId": "child", "primaryKey": "{EDGE_KEY}", "edge": true, "parent": "top"}},
+                {{"deviceId": "other", "primaryKey": "{DEV_KEY2}", "edge": true, "parent": "top"}},
+                {{"deviceId": "leaf1", "primaryKey": "{DEV_KEY2}", "parent": "child",
+                  "modules": [{{"moduleId": "m", "primaryKey": "{MOD_KEY}"}}]}},
+                {{"deviceId": "leaf2", "primaryKey": "{DEV_KEY2}", "parent": "other"}},
+                {{"deviceId": "plain", "primaryKey": "{DEV_KEY2}"}}]}}"#
+        )
+        .unwrap();
+        IotHubAuth::new(
+            Arc::new(Identities::fixed(Registry::load(f.path()).unwrap())),
+            "gateway.local",
+            false,
+        )
+        .with_own_device(own.map(str::to_owned))
+    }
+
+    #[test]
+    fn auth_chain_lets_an_edge_act_only_for_its_own_descendants() {
+        const EDGE_KEY: &str = "Y2hpbGQtZWRnZS1rZXktMDEyMzQ1Njc4OWFi";
+        let a = nested(Some("top"));
+        let child_token = sign("gateway.local/devices/child", EDGE_KEY, later()).unwrap();
+        let user = |leaf: &str, chain: &str| {
+            format!("gateway.local/{leaf}/?api-version=2021-04-12&auth-chain={chain}")
+        };
+        // The leaf's own key is not needed: the child's token vouches.
+        let p = connect(&a, "leaf1", &user("leaf1", "leaf1;child;top"), &child_token).unwrap();
+        assert_eq!(&*p.name, "leaf1");
+        let p = connect(
+            &a,
+            "leaf1/m",
+            &user("leaf1/m", "leaf1/m;child"),
+            &child_token,
+        )
+        .unwrap();
+        assert_eq!(&*p.name, "leaf1/m");
+        // The child for itself.
+        connect(&a, "child", &user("child", "child;child;top"), &child_token).unwrap();
+
+        let refused = |client: &str, chain: &str, token: &str| match connect(
+            &a,
+            client,
+            &user(client, chain),
+            token,
+        ) {
+            Err(AuthError::NotAuthorized(why)) | Err(AuthError::BadCredentials(why)) => why,
+            Err(e) => panic!("{chain}: {e}"),
+            Ok(p) => panic!("{chain} accepted as {}", p.name),
+        };
+        let why = refused("leaf2", "leaf2;child;top", &child_token);
+        assert!(why.contains("not registered under"), "{why}");
+        let why = refused("plain", "plain;child", &child_token);
+        assert!(why.contains("not registered under"), "{why}");
+        let why = refused("leaf1", "leaf1;child;elsewhere", &child_token);
+        assert!(
+            why.contains("not an edge device registered under \"elsewhere\""),
+            "{why}"
+        );
+        let why = refused("leaf1", "leaf2;child", &child_token);
+        assert!(why.contains("is not the client"), "{why}");
+        let why = refused("leaf1", "leaf1", &child_token);
+        assert!(why.contains("at least"), "{why}");
+        // A leaf cannot act as an edge, and the token must be the actor's.
+        let leaf_token = sign("gateway.local/devices/leaf1", DEV_KEY2, later()).unwrap();
+        let why = refused("leaf1", "leaf1;leaf1", &leaf_token);
+        assert!(why.contains("not an edge device"), "{why}");
+        let other_token = sign("gateway.local/devices/other", DEV_KEY2, later()).unwrap();
+        let why = refused("leaf1", "leaf1;child", &other_token);
+        assert!(why.contains("is not edge device"), "{why}");
+        let forged = sign("gateway.local/devices/child", DEV_KEY, later()).unwrap();
+        refused("leaf1", "leaf1;child", &forged);
+        let expired = sign("gateway.local/devices/child", EDGE_KEY, now() - 3600).unwrap();
+        refused("leaf1", "leaf1;child", &expired);
+    }
+
+    #[test]
+    fn auth_chain_must_end_at_this_hub() {
+        const EDGE_KEY: &str = "Y2hpbGQtZWRnZS1rZXktMDEyMzQ1Njc4OWFi";
+        let t = sign("gateway.local/devices/child", EDGE_KEY, later()).unwrap();
+        let user = "gateway.local/leaf1/?api-version=1&auth-chain=leaf1;child";
+        // We are "other": child is not under us.
+        assert!(connect(&nested(Some("other")), "leaf1", user, &t).is_err());
+        // A root without a device id: chains end at a top-level edge.
+        let root = nested(None);
+        assert!(
+            connect(&root, "leaf1", user, &t).is_err(),
+            "child is under top"
+        );
+        let user = "gateway.local/leaf1/?api-version=1&auth-chain=leaf1;child;top";
+        connect(&root, "leaf1", user, &t).unwrap();
     }
 
     #[test]

@@ -37,6 +37,14 @@ pub struct DeviceSpec {
     pub x509: Option<X509Spec>,
     #[serde(default)]
     pub modules: Vec<ModuleSpec>,
+    /// An IoT Edge device (IoT Hub's `capabilities.iotEdge`): it may act
+    /// for the devices registered under it (auth-chain connections).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edge: bool,
+    /// The edge device this one is registered under (IoT Hub's device
+    /// scope): the only edge device that may act for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// How an X.509 device proves who it is, as IoT Hub's registry has it.
@@ -85,8 +93,13 @@ pub struct ModuleSpec {
 pub const EDGE_SYSTEM_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
 
 /// Registers this edge device (`--device-id`) with its system modules when
-/// they are missing (keys generated); what is registered stays as it is.
-pub fn ensure_edge_device(identities: &Identities, device_id: &str) -> Result<(), RegistryError> {
+/// they are missing (keys generated), marked as an edge device. `key` (from
+/// `--connection-string`) becomes its primary key; other keys stay.
+pub fn ensure_edge_device(
+    identities: &Identities,
+    device_id: &str,
+    own_key: Option<&str>,
+) -> Result<(), RegistryError> {
     fn key() -> String {
         use base64::Engine;
         let bytes: [u8; 32] = rand::random();
@@ -99,7 +112,15 @@ pub fn ensure_edge_device(identities: &Identities, device_id: &str) -> Result<()
             secondary_key: Some(key()),
             x509: None,
             modules: Vec::new(),
+            edge: true,
+            parent: None,
         });
+        spec.edge = true;
+        if let Some(k) = own_key {
+            if spec.x509.is_none() {
+                spec.primary_key = k.to_owned();
+            }
+        }
         for m in EDGE_SYSTEM_MODULES {
             if !spec.modules.iter().any(|x| x.module_id == m) {
                 spec.modules.push(ModuleSpec {
@@ -152,6 +173,8 @@ pub struct Device {
     pub keys: Keys,
     pub x509: Option<X509Spec>,
     pub modules: HashMap<String, (String, Keys)>,
+    pub edge: bool,
+    pub parent: Option<String>,
 }
 
 impl Device {
@@ -172,6 +195,8 @@ impl Device {
             secondary_key: self.keys.secondary.clone(),
             x509: self.x509.clone(),
             modules,
+            edge: self.edge,
+            parent: self.parent.clone(),
         }
     }
 }
@@ -297,6 +322,8 @@ impl Registry {
                     },
                     x509,
                     modules,
+                    edge: d.edge,
+                    parent: d.parent,
                 },
             );
         }
