@@ -241,6 +241,22 @@ async fn run_session_endpoint(
     }
 }
 
+/// Cloud-to-device messages one device may have waiting (IoT Hub: 50).
+pub const C2D_MAX_QUEUED: usize = 50;
+
+/// IoT Hub's default time-to-live for cloud-to-device messages.
+pub const C2D_DEFAULT_TTL_SECS: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum C2dError {
+    #[error("DeviceMaximumQueueDepthExceeded: device {0:?} already has {C2D_MAX_QUEUED} cloud-to-device messages waiting")]
+    QueueFull(String),
+    #[error(transparent)]
+    Store(#[from] edgehub_store::StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
 /// Starts each device's cloud-to-device executor once, on the first message
 /// for it (or at startup when its queue already holds some).
 pub struct C2dExecutors {
@@ -273,6 +289,34 @@ impl C2dExecutors {
             ));
         }
         Ok(handle)
+    }
+
+    /// Queues a cloud-to-device message for `device` (as registered),
+    /// durably; refused when the device already has
+    /// [`C2D_MAX_QUEUED`] waiting (IoT Hub's bound: a device that never
+    /// collects its messages cannot fill the disk with them).
+    pub async fn enqueue(
+        &self,
+        device: &str,
+        msg: Message,
+        ttl_secs: u64,
+    ) -> Result<u64, C2dError> {
+        let handle = self.ensure(device)?;
+        let (store, h) = (self.store.clone(), handle.clone());
+        let queued = tokio::task::spawn_blocking(move || store.peek(&h, C2D_MAX_QUEUED + 1))
+            .await
+            .map_err(|e| C2dError::Internal(e.to_string()))??;
+        if queued.len() >= C2D_MAX_QUEUED {
+            return Err(C2dError::QueueFull(device.to_owned()));
+        }
+        let expires_at_ms = if ttl_secs == 0 {
+            0
+        } else {
+            self.store.now_ms() + ttl_secs * 1000
+        };
+        let target = edgehub_store::Target::new(&handle, 0, expires_at_ms);
+        let append = edgehub_store::Append::new(Arc::new(msg), vec![target]);
+        Ok(self.store.append(append).await?)
     }
 
     /// Executors for every device queue the store already has.

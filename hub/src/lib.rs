@@ -29,6 +29,7 @@ pub mod endpoints;
 pub mod iothub;
 pub mod management;
 pub mod pipeline;
+pub mod relay;
 pub mod routes_cli;
 pub mod server;
 pub mod tls;

@@ -558,11 +558,7 @@ struct C2dRequest {
     ttl_secs: Option<u64>,
 }
 
-/// Cloud-to-device messages one device may have waiting (IoT Hub: 50).
-const C2D_MAX_QUEUED: usize = 50;
-
-/// IoT Hub's default time-to-live for cloud-to-device messages.
-const C2D_DEFAULT_TTL_SECS: u64 = 3600;
+use crate::endpoints::{C2dError, C2D_DEFAULT_TTL_SECS, C2D_MAX_QUEUED};
 
 async fn send_c2d(
     State(m): State<Arc<Management>>,
@@ -609,42 +605,17 @@ async fn send_c2d(
             msg.set_system(p, v);
         }
     }
-    let handle = match m.c2d.ensure(&dev) {
-        Ok(h) => h,
-        Err(e) => return internal(e),
-    };
-    let store = m.pipeline.store();
-    // IoT Hub's per-device queue bound: a device that never collects its
-    // messages cannot fill the disk with them.
-    let (s2, h2) = (store.clone(), handle.clone());
-    match tokio::task::spawn_blocking(move || s2.peek(&h2, C2D_MAX_QUEUED + 1)).await {
-        Ok(Ok(queued)) if queued.len() >= C2D_MAX_QUEUED => {
-            return error(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "DeviceMaximumQueueDepthExceeded: device {dev:?} already has {C2D_MAX_QUEUED} cloud-to-device messages waiting"
-                ),
-            )
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return internal(e),
-        Err(e) => return internal(e),
-    }
     let ttl = req.ttl_secs.unwrap_or(C2D_DEFAULT_TTL_SECS);
-    let expires_at_ms = if ttl == 0 {
-        0
-    } else {
-        store.now_ms() + ttl * 1000
-    };
-    let target = edgehub_store::Target::new(&handle, 0, expires_at_ms);
-    let append = edgehub_store::Append::new(Arc::new(msg), vec![target]);
-    match store.append(append).await {
+    match m.c2d.enqueue(&dev, msg, ttl).await {
         Ok(seq) => (
             StatusCode::ACCEPTED,
             Json(serde_json::json!({ "seq": seq })),
         )
             .into_response(),
-        Err(e) if e.is_quota() => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
+        Err(e @ C2dError::QueueFull(_)) => error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(C2dError::Store(e)) if e.is_quota() => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
         Err(e) => internal(e),
     }
 }

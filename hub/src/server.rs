@@ -73,6 +73,16 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
 }
 
+/// What the `$upstream` executor needs when it starts.
+struct UpstreamLink {
+    cfg: Arc<crate::upstream::UpstreamConfig>,
+    status: Arc<crate::upstream::UpstreamStatus>,
+    relay: Arc<dyn crate::upstream::CloudToEdge>,
+    events: parking_lot::Mutex<
+        Option<tokio::sync::mpsc::UnboundedReceiver<crate::upstream::UpstreamEvent>>,
+    >,
+}
+
 /// Retained messages in the store's `retained` table (unsynced writes: a
 /// retained update survives a crash of edgehub, not a power cut).
 struct StoreRetained(edgehub_store::Store);
@@ -398,17 +408,46 @@ impl Server {
                 }
             }));
         }
+        // Cloud to edge: presence and reported-property changes reach the
+        // upstream link, which hands what comes down to the relay.
+        let upstream = self.upstream.clone().map(|cfg| {
+            use crate::upstream::UpstreamEvent;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let tx2 = tx.clone();
+            self.broker.set_presence_hook(Box::new(move |id, online| {
+                let _ = tx.send(UpstreamEvent::Presence(id.to_owned(), online));
+            }));
+            self.services.set_reported_hook(Box::new(move |id| {
+                let _ = tx2.send(UpstreamEvent::Reported(id.to_owned()));
+            }));
+            let relay: Arc<dyn crate::upstream::CloudToEdge> = Arc::new(crate::relay::Relay {
+                services: self.services.clone(),
+                c2d: c2d.clone(),
+            });
+            UpstreamLink {
+                cfg,
+                status: self.upstream_status.clone(),
+                relay,
+                events: parking_lot::Mutex::new(Some(rx)),
+            }
+        });
+        let has_upstream = upstream.is_some();
         if let Some(rx) = self.pipeline.take_new_endpoints() {
             accept_tasks.push(tokio::spawn(supervise_endpoints(
                 self.broker.clone(),
                 self.pipeline.clone(),
                 self.identities.clone(),
-                self.upstream
-                    .clone()
-                    .map(|cfg| (cfg, self.upstream_status.clone())),
+                upstream,
                 rx,
                 self.shutdown.subscribe(),
             )));
+        }
+        if has_upstream {
+            // Started now, not with the first message: devices that only
+            // listen (C2D, methods, desired properties) need the link too.
+            if let Err(e) = self.pipeline.endpoint(&edgehub_router::Endpoint::Upstream) {
+                warn!(error = %e, "upstream queue not opened");
+            }
         }
         if let Some(l) = self.mqtt.take() {
             accept_tasks.push(tokio::spawn(accept_loop(
@@ -465,10 +504,7 @@ async fn supervise_endpoints(
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
     identities: Arc<crate::iothub::identity::Identities>,
-    upstream: Option<(
-        Arc<crate::upstream::UpstreamConfig>,
-        Arc<crate::upstream::UpstreamStatus>,
-    )>,
+    upstream: Option<UpstreamLink>,
     mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -478,13 +514,20 @@ async fn supervise_endpoints(
             Endpoint::ModuleInput { module, input } => (module, input),
             Endpoint::Upstream => {
                 // Without an upstream the queue is the outbox.
-                if let Some((cfg, status)) = &upstream {
+                if let Some(link) = &upstream {
+                    let events = link
+                        .events
+                        .lock()
+                        .take()
+                        .unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
                     tokio::spawn(crate::upstream::run(
                         pipeline.store().clone(),
                         handle,
                         identities.clone(),
-                        cfg.clone(),
-                        status.clone(),
+                        link.cfg.clone(),
+                        link.status.clone(),
+                        Some(link.relay.clone()),
+                        events,
                         shutdown.clone(),
                     ));
                 }

@@ -12,10 +12,15 @@
 //! by every identity, so a failing parent never sees a reconnect storm.
 //! Connections of identities that stay idle are closed.
 //!
+//! Cloud to edge: while a downstream identity is connected here, its
+//! upstream connection stays open and subscribed to its C2D messages,
+//! desired-property patches and direct methods, which are handed to the
+//! local layers ([`CloudToEdge`]); on every (re)connect the twin is read
+//! from upstream (our copy is the cache devices read, also while offline)
+//! and the reported properties accepted locally meanwhile are sent up.
+//!
 //! Owns: upstream connections, their windows and backoff. Must not touch:
 //! routing (done before the store) or downstream sessions.
-//! Not yet: the nested-edge `auth-chain` mode, cloud-to-device traffic from
-//! upstream (C2D, desired properties, methods), offline metrics (issue 6).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -32,6 +37,49 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::iothub::identity::Identities;
+
+pub type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The local layers, for what comes down from the parent.
+pub trait CloudToEdge: Send + Sync + 'static {
+    /// A cloud-to-device message for `device`; resolves once durably queued
+    /// (only then is it acknowledged upstream).
+    fn c2d(&self, device: &str, msg: Message) -> BoxFut<Result<(), String>>;
+    /// The desired properties as the parent has them (its answer to a GET).
+    fn adopt_desired(&self, identity: &str, desired: serde_json::Map<String, serde_json::Value>);
+    /// A desired-properties patch from the parent (with its `$version`).
+    fn desired_patch(&self, identity: &str, patch: serde_json::Map<String, serde_json::Value>);
+    /// A direct method call; resolves to the device's (status, payload).
+    fn method(&self, identity: &str, name: &str, payload: Bytes) -> BoxFut<(i32, Bytes)>;
+    /// The reported properties the parent has not acknowledged: the patch
+    /// and the snapshot to record once it has.
+    fn reported_to_sync(
+        &self,
+        identity: &str,
+    ) -> BoxFut<
+        Option<(
+            serde_json::Value,
+            serde_json::Map<String, serde_json::Value>,
+        )>,
+    >;
+    fn reported_synced(&self, identity: &str, snapshot: serde_json::Map<String, serde_json::Value>);
+}
+
+/// What the layers below tell the link.
+#[derive(Debug)]
+pub enum UpstreamEvent {
+    /// A client id connected (`true`) or left (`false`).
+    Presence(String, bool),
+    /// An identity's reported properties changed locally.
+    Reported(String),
+}
+
+/// What an identity's worker is told.
+enum Work {
+    Entry(Entry),
+    Online(bool),
+    Reported,
+}
 
 /// PUBLISHes in flight per upstream connection.
 pub const WINDOW: usize = 16;
@@ -284,6 +332,7 @@ impl UpstreamStatus {
 struct Shared {
     cfg: Arc<UpstreamConfig>,
     identities: Arc<Identities>,
+    relay: Option<Arc<dyn CloudToEdge>>,
     backoff: Backoff,
     status: Arc<UpstreamStatus>,
     done: mpsc::UnboundedSender<Entry>,
@@ -302,12 +351,15 @@ impl Shared {
 }
 
 /// Runs the `$upstream` executor until shutdown.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: Store,
     handle: Arc<EndpointHandle>,
     identities: Arc<Identities>,
     cfg: Arc<UpstreamConfig>,
     status: Arc<UpstreamStatus>,
+    relay: Option<Arc<dyn CloudToEdge>>,
+    mut events: mpsc::UnboundedReceiver<UpstreamEvent>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut reader = match store.reader(handle) {
@@ -321,11 +373,23 @@ pub async fn run(
     let shared = Arc::new(Shared {
         cfg,
         identities,
+        relay,
         backoff: Backoff::new(),
         status,
         done: done_tx,
     });
-    let mut workers: HashMap<String, mpsc::UnboundedSender<Entry>> = HashMap::new();
+    let mut workers: HashMap<String, mpsc::UnboundedSender<Work>> = HashMap::new();
+    let worker_shutdown = shutdown.clone();
+    let spawn = |identity: &str| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(identity_worker(
+            shared.clone(),
+            identity.to_owned(),
+            rx,
+            worker_shutdown.clone(),
+        ));
+        tx
+    };
     let mut outstanding = 0usize;
     info!(upstream = %shared.cfg.host, port = shared.cfg.port, "upstream executor started");
     loop {
@@ -336,12 +400,8 @@ pub async fn run(
                     for e in entries {
                         let identity = identity_of(&e.message);
                         outstanding += 1;
-                        let tx = workers.entry(identity.clone()).or_insert_with(|| {
-                            let (tx, rx) = mpsc::unbounded_channel();
-                            tokio::spawn(identity_worker(shared.clone(), identity.clone(), rx, shutdown.clone()));
-                            tx
-                        });
-                        if let Err(mpsc::error::SendError(e)) = tx.send(e) {
+                        let tx = workers.entry(identity.clone()).or_insert_with(|| spawn(&identity));
+                        if let Err(mpsc::error::SendError(e)) = tx.send(Work::Entry(e)) {
                             // The worker stopped (shutdown): nothing is lost,
                             // the entry stays stored.
                             drop(e);
@@ -363,8 +423,31 @@ pub async fn run(
                     warn!(error = %e, "recording upstream acknowledgements failed; those messages will be sent again");
                 }
             }
+            Some(ev) = events.recv() => {
+                let (client, work) = match ev {
+                    UpstreamEvent::Presence(c, online) => (c, Work::Online(online)),
+                    UpstreamEvent::Reported(c) => (c, Work::Reported),
+                };
+                // Only registered identities have a twin and cloud traffic
+                // (anonymous development clients do not).
+                if shared.relay.is_none() || !registered(&shared.identities, &client) {
+                    continue;
+                }
+                let tx = workers.entry(client.clone()).or_insert_with(|| spawn(&client));
+                let _ = tx.send(work);
+            }
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+fn registered(identities: &Identities, identity: &str) -> bool {
+    let reg = identities.registry();
+    match identity.split_once('/') {
+        None => reg.device(identity).is_some(),
+        Some((d, m)) => reg
+            .device(d)
+            .is_some_and(|d| d.modules.contains_key(&m.to_lowercase())),
     }
 }
 
@@ -549,21 +632,25 @@ impl Link {
     }
 }
 
-/// Forwards one identity's messages, in order, over its own connection.
+/// One identity's upstream connection: forwards its messages in order and,
+/// while the identity is connected here, relays what the parent sends it.
 async fn identity_worker(
     sh: Arc<Shared>,
     identity: String,
-    mut rx: mpsc::UnboundedReceiver<Entry>,
+    mut rx: mpsc::UnboundedReceiver<Work>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Not yet acknowledged upstream, oldest first; the first `sent` of
     // them are on the current connection.
     let mut pending: VecDeque<Entry> = VecDeque::new();
+    let mut online = false;
     'outer: loop {
-        if pending.is_empty() {
+        while pending.is_empty() && !online {
             tokio::select! {
-                e = rx.recv() => match e {
-                    Some(e) => pending.push_back(e),
+                w = rx.recv() => match w {
+                    Some(Work::Entry(e)) => pending.push_back(e),
+                    Some(Work::Online(o)) => online = o,
+                    Some(Work::Reported) => {}
                     None => return,
                 },
                 _ = shutdown.changed() => return,
@@ -607,6 +694,14 @@ async fn identity_worker(
                 continue;
             }
         };
+        let mut down = Downlink::new(&identity);
+        if online {
+            if let Some(relay) = &sh.relay {
+                down.start(&mut link, relay.as_ref()).await;
+            }
+        }
+        // Method answers come back from spawned calls.
+        let (answers_tx, mut answers) = mpsc::unbounded_channel::<(i32, String, Bytes)>();
         // packet id → position is implicit: ids are handed out in order.
         let mut inflight: VecDeque<u16> = VecDeque::new();
         let mut next_id: u16 = 1;
@@ -649,7 +744,12 @@ async fn identity_worker(
                             idle_since = tokio::time::Instant::now();
                         }
                     }
-                    Ok(Packet::PingResp) => {}
+                    Ok(Packet::Publish(p)) => {
+                        if let Some(relay) = &sh.relay {
+                            down.received(&mut link, relay, p, &answers_tx).await;
+                        }
+                    }
+                    Ok(Packet::PingResp | Packet::SubAck(_)) => {}
                     Ok(p) => debug!(identity, packet = p.name(), "ignored from upstream"),
                     Err(e) => {
                         // Unacknowledged messages go again on the next
@@ -660,15 +760,45 @@ async fn identity_worker(
                         continue 'outer;
                     }
                 },
-                e = rx.recv(), if sent == pending.len() => match e {
-                    Some(e) => pending.push_back(e),
+                w = rx.recv(), if sent == pending.len() => match w {
+                    Some(Work::Entry(e)) => pending.push_back(e),
+                    Some(Work::Online(true)) => {
+                        online = true;
+                        if let (Some(relay), false) = (&sh.relay, down.subscribed) {
+                            down.start(&mut link, relay.as_ref()).await;
+                        }
+                    }
+                    Some(Work::Online(false)) => {
+                        online = false;
+                        if down.subscribed {
+                            // The parent must stop seeing the identity as
+                            // here (a method to it must get 404 there).
+                            link.send(&Packet::Disconnect(Default::default()));
+                            let _ = link.flush().await;
+                            debug!(identity, "identity left; its upstream connection closed");
+                            continue 'outer;
+                        }
+                    }
+                    Some(Work::Reported) => {
+                        if let (Some(relay), true) = (&sh.relay, down.subscribed) {
+                            down.sync_reported(&mut link, relay.as_ref()).await;
+                        }
+                    }
                     None => return,
                 },
+                Some((status, rid, payload)) = answers.recv() => {
+                    link.send(&Packet::Publish(Publish {
+                        qos: QoS::AtMostOnce,
+                        topic: Str::from(format!("$iothub/methods/res/{status}/?$rid={rid}")),
+                        payload,
+                        ..Default::default()
+                    }));
+                }
                 _ = tokio::time::sleep_until(ping_at) => {
                     link.send(&Packet::PingReq);
                     ping_at = tokio::time::Instant::now() + Duration::from_secs(30);
                 }
-                _ = tokio::time::sleep_until(idle_deadline), if pending.is_empty() => {
+                _ = tokio::time::sleep_until(idle_deadline), if pending.is_empty() && !online => {
                     link.send(&Packet::Disconnect(Default::default()));
                     let _ = link.flush().await;
                     debug!(identity, "idle upstream connection closed");
@@ -680,6 +810,178 @@ async fn identity_worker(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// The cloud-to-edge side of one identity's connection.
+struct Downlink<'a> {
+    identity: &'a str,
+    subscribed: bool,
+    next_rid: u64,
+    /// Our twin GET waiting for its answer.
+    twin_get: Option<String>,
+    /// Reported properties sent up, waiting for the parent's 204.
+    reported: Option<(String, serde_json::Map<String, serde_json::Value>)>,
+}
+
+impl<'a> Downlink<'a> {
+    fn new(identity: &'a str) -> Downlink<'a> {
+        Downlink {
+            identity,
+            subscribed: false,
+            next_rid: 1,
+            twin_get: None,
+            reported: None,
+        }
+    }
+
+    fn rid(&mut self, kind: char) -> String {
+        self.next_rid += 1;
+        format!("{kind}{}", self.next_rid)
+    }
+
+    /// Subscribes to the identity's cloud traffic, reads its twin and sends
+    /// the reported properties accepted while the link was down.
+    async fn start(&mut self, link: &mut Link, relay: &dyn CloudToEdge) {
+        let mut filters = vec![
+            "$iothub/methods/POST/#".to_owned(),
+            "$iothub/twin/res/#".to_owned(),
+            "$iothub/twin/PATCH/properties/desired/#".to_owned(),
+        ];
+        if !self.identity.contains('/') {
+            // Modules get no C2D messages.
+            filters.push(format!("devices/{}/messages/devicebound/#", self.identity));
+        }
+        link.send(&Packet::Subscribe(edgehub_codec::Subscribe {
+            packet_id: u16::MAX, // apart from the PUBLISH ids, which count up from 1
+            properties: Props::default(),
+            filters: filters
+                .into_iter()
+                .map(|f| {
+                    let o = edgehub_codec::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    };
+                    (Str::from(f), o)
+                })
+                .collect(),
+        }));
+        self.subscribed = true;
+        let rid = self.rid('g');
+        link.send(&Packet::Publish(Publish {
+            qos: QoS::AtMostOnce,
+            topic: Str::from(format!("$iothub/twin/GET/?$rid={rid}")),
+            ..Default::default()
+        }));
+        self.twin_get = Some(rid);
+        self.sync_reported(link, relay).await;
+    }
+
+    async fn sync_reported(&mut self, link: &mut Link, relay: &dyn CloudToEdge) {
+        if self.reported.is_some() {
+            return; // one at a time; the next goes when this one is answered
+        }
+        if let Some((patch, snapshot)) = relay.reported_to_sync(self.identity).await {
+            let rid = self.rid('r');
+            link.send(&Packet::Publish(Publish {
+                qos: QoS::AtMostOnce,
+                topic: Str::from(format!(
+                    "$iothub/twin/PATCH/properties/reported/?$rid={rid}"
+                )),
+                payload: Bytes::from(patch.to_string()),
+                ..Default::default()
+            }));
+            self.reported = Some((rid, snapshot));
+        }
+    }
+
+    async fn received(
+        &mut self,
+        link: &mut Link,
+        relay: &Arc<dyn CloudToEdge>,
+        p: Publish,
+        answers: &mpsc::UnboundedSender<(i32, String, Bytes)>,
+    ) {
+        let topic: &str = &p.topic;
+        let identity = self.identity;
+        let mut ack = p.qos != QoS::AtMostOnce;
+        if let Some(bag) = topic
+            .strip_prefix("devices/")
+            .and_then(|r| r.split_once("/messages/devicebound"))
+            .map(|(_, bag)| bag.trim_start_matches('/'))
+        {
+            let mut msg = Message::new(p.payload.clone());
+            if let Err(e) = crate::iothub::telemetry::apply_property_bag(&mut msg, bag) {
+                warn!(identity, error = %e, "cloud-to-device message with a bad property bag; dropped");
+            } else {
+                if msg.system(SystemProperty::To).is_none() {
+                    msg.set_system(
+                        SystemProperty::To,
+                        &format!("/devices/{identity}/messages/deviceBound"),
+                    );
+                }
+                if let Err(e) = relay.c2d(identity, msg).await {
+                    // Not acknowledged: the parent keeps it and sends it again.
+                    warn!(identity, error = %e, "cloud-to-device message not queued here; left with the parent");
+                    ack = false;
+                }
+            }
+        } else if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
+            let (name, query) = rest.split_once("/?").unwrap_or((rest, ""));
+            let rid = crate::iothub::services::query_value(query, "$rid")
+                .unwrap_or_default()
+                .to_owned();
+            let (relay, answers, who, name) = (
+                relay.clone(),
+                answers.clone(),
+                identity.to_owned(),
+                name.to_owned(),
+            );
+            let payload = p.payload.clone();
+            tokio::spawn(async move {
+                let (status, body) = relay.method(&who, &name, payload).await;
+                let _ = answers.send((status, rid, body));
+            });
+        } else if topic.starts_with("$iothub/twin/PATCH/properties/desired/") {
+            match serde_json::from_slice::<serde_json::Value>(&p.payload) {
+                Ok(serde_json::Value::Object(patch)) => relay.desired_patch(identity, patch),
+                _ => warn!(
+                    identity,
+                    "desired-properties patch from upstream is not a JSON object"
+                ),
+            }
+        } else if let Some(rest) = topic.strip_prefix("$iothub/twin/res/") {
+            let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
+            let rid = crate::iothub::services::query_value(query, "$rid").unwrap_or_default();
+            let ok = status.starts_with('2');
+            if self.twin_get.as_deref() == Some(rid) {
+                self.twin_get = None;
+                let desired = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                    .ok()
+                    .and_then(|t| t.get("desired").cloned());
+                match desired {
+                    Some(serde_json::Value::Object(d)) if ok => relay.adopt_desired(identity, d),
+                    _ => warn!(
+                        identity,
+                        status, "twin from upstream unreadable; the local copy stays"
+                    ),
+                }
+            } else if self.reported.as_ref().is_some_and(|(r, _)| r == rid) {
+                let (_, snapshot) = self.reported.take().expect("checked");
+                if ok {
+                    relay.reported_synced(identity, snapshot);
+                    // Changes made while this one was on its way.
+                    self.sync_reported(link, relay.as_ref()).await;
+                } else {
+                    warn!(identity, status, "parent refused reported properties; retried on the next change or connection");
+                }
+            }
+        } else {
+            debug!(identity, topic, "unexpected publish from upstream; ignored");
+        }
+        if ack {
+            link.send(&Packet::PubAck(edgehub_codec::PubResp::new(p.packet_id, 0)));
         }
     }
 }

@@ -236,7 +236,12 @@ pub struct Broker {
     retained_store: std::sync::OnceLock<Arc<dyn RetainedStore>>,
     session_store: std::sync::OnceLock<Arc<dyn SessionStore>>,
     will_sink: std::sync::OnceLock<Arc<dyn WillSink>>,
+    presence: std::sync::OnceLock<PresenceHook>,
 }
+
+/// Told when a client id gets a connection (`true`) and when its
+/// connection ends without a successor (`false`). Must be quick.
+pub type PresenceHook = Box<dyn Fn(&str, bool) + Send + Sync>;
 
 impl Broker {
     pub fn new(
@@ -256,7 +261,15 @@ impl Broker {
             retained_store: std::sync::OnceLock::new(),
             session_store: std::sync::OnceLock::new(),
             will_sink: std::sync::OnceLock::new(),
+            presence: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Calls `hook` on every connect and final disconnect from now on (set
+    /// once; the upstream link keeps identities' cloud connections open
+    /// while they are here).
+    pub fn set_presence_hook(&self, hook: PresenceHook) {
+        let _ = self.presence.set(hook);
     }
 
     /// Keeps persistent sessions in `store` from now on, starting with the
@@ -436,6 +449,9 @@ impl Broker {
             let st = session.state.lock();
             self.save_session(&session.client_id, &st, 0);
         }
+        if let Some(hook) = self.presence.get() {
+            hook(&session.client_id, true);
+        }
         Attached {
             session,
             session_present,
@@ -468,6 +484,9 @@ impl Broker {
         st.connected = false;
         session.online.store(false, Ordering::Release);
         *session.kick.lock() = None;
+        if let Some(hook) = self.presence.get() {
+            hook(&session.client_id, false);
+        }
         // A deleted identity's session ends with its connection.
         let expiry = if session.revoked.load(Ordering::Acquire) {
             0

@@ -26,11 +26,17 @@ use crate::broker::{Broker, Targeted};
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Told the identity whose reported properties just changed.
+pub type ReportedHook = Box<dyn Fn(&str) + Send + Sync>;
+
 pub struct Services {
     pub twins: Arc<Twins>,
     pub methods: Methods,
     broker: Arc<Broker>,
     jobs: std::sync::mpsc::Sender<Job>,
+    /// Told (on the twin worker) when an identity's reported properties
+    /// changed, so the upstream link can pass them on.
+    reported_hook: std::sync::OnceLock<ReportedHook>,
 }
 
 /// The value of `key` in a `k=v&k=v` query.
@@ -83,7 +89,13 @@ impl Services {
             methods: Methods::new(broker.clone()),
             broker,
             jobs: tx,
+            reported_hook: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Calls `hook` after every accepted reported-properties patch (set once).
+    pub fn set_reported_hook(&self, hook: ReportedHook) {
+        let _ = self.reported_hook.set(hook);
     }
 
     /// Runs `job` on the twin worker, in order with every other twin job.
@@ -125,6 +137,11 @@ impl Services {
             }),
             "$iothub/twin/PATCH/properties/reported" => self.run_twin_job(move || {
                 let r = parse_patch(&payload).and_then(|p| me.twins.patch_reported(&who, p));
+                if r.is_ok() {
+                    if let Some(hook) = me.reported_hook.get() {
+                        hook(&who);
+                    }
+                }
                 let (topic, body) = match r {
                     Ok(v) => (
                         format!("$iothub/twin/res/204/?$rid={rid}&$version={v}"),

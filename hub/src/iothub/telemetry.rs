@@ -46,6 +46,29 @@ fn decode(s: &str) -> Result<String, TelemetryError> {
         .map_err(|_| TelemetryError::BadPropertyBag(format!("{s:?} is not UTF-8 once decoded")))
 }
 
+/// Sets the properties of a URL-encoded property bag (`k=v&$.mid=…`) on
+/// `msg`; `$.cdid`/`$.cmid` are skipped (only the hub stamps identities).
+pub fn apply_property_bag(msg: &mut Message, bag: &str) -> Result<(), TelemetryError> {
+    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        if k.is_empty() {
+            return Err(TelemetryError::BadPropertyBag(format!(
+                "empty key in {pair:?}"
+            )));
+        }
+        if k == "$.cdid" || k == "$.cmid" {
+            continue; // set by the hub only
+        }
+        match system_key(&k) {
+            Some(p) => msg.set_system(p, &v),
+            None if k.starts_with("$.") => msg.set_system_named(&k[2..], &v),
+            None => msg.set_property(&k, &v),
+        }
+    }
+    Ok(())
+}
+
 /// Builds the message for a telemetry publish by `identity` (`device` or
 /// `device/module`, as authenticated). `enqueued_time` is the hub's clock
 /// (RFC 3339), `message_id` the edge message id it assigns when the client
@@ -85,23 +108,7 @@ pub fn telemetry_message(
         });
     }
     let mut msg = Message::new(payload);
-    for pair in bag.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let (k, v) = (decode(k)?, decode(v)?);
-        if k.is_empty() {
-            return Err(TelemetryError::BadPropertyBag(format!(
-                "empty key in {pair:?}"
-            )));
-        }
-        if k == "$.cdid" || k == "$.cmid" {
-            continue; // set by the hub only
-        }
-        match system_key(&k) {
-            Some(p) => msg.set_system(p, &v),
-            None if k.starts_with("$.") => msg.set_system_named(&k[2..], &v),
-            None => msg.set_property(&k, &v),
-        }
-    }
+    apply_property_bag(&mut msg, bag)?;
     msg.set_system(SystemProperty::ConnectionDeviceId, id_device);
     if let Some(m) = id_module {
         msg.set_system(SystemProperty::ConnectionModuleId, m);

@@ -35,12 +35,19 @@ pub enum TwinError {
     Store(#[from] edgehub_store::StoreError),
 }
 
+/// Reported properties to send up: the patch, and the snapshot of the
+/// section to record once the parent acknowledged it.
+pub type ReportedSync = (Value, Map<String, Value>);
+
 /// One twin: the sections as IoT Hub shows them, each with its `$version`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Twin {
     pub desired: Map<String, Value>,
     pub reported: Map<String, Value>,
     pub tags: Map<String, Value>,
+    /// Behind an upstream: the reported properties the parent last
+    /// acknowledged (what still has to go up is the difference).
+    pub reported_upstream: Option<Map<String, Value>>,
 }
 
 impl Default for Twin {
@@ -54,6 +61,7 @@ impl Default for Twin {
             desired: section(),
             reported: section(),
             tags: Map::new(),
+            reported_upstream: None,
         }
     }
 }
@@ -79,6 +87,7 @@ impl Twin {
     fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "desired": self.desired, "reported": self.reported, "tags": self.tags,
+            "reportedUpstream": self.reported_upstream,
         }))
         .expect("twin serializes")
     }
@@ -93,6 +102,7 @@ impl Twin {
             desired: take("desired")?,
             reported: take("reported")?,
             tags: take("tags").unwrap_or_default(),
+            reported_upstream: take("reportedUpstream"),
         })
     }
 }
@@ -309,6 +319,74 @@ impl Twins {
         self.patch_desired(identity, Some(patch), None)
     }
 
+    /// The twin as the parent has it (its answer to a GET): the desired
+    /// properties, with the parent's `$version`, replace ours; returns the
+    /// patch to push to the identity (parent's version) when they changed,
+    /// so a change made while the link was down still reaches the device.
+    pub fn adopt_upstream_desired(
+        &self,
+        identity: &str,
+        desired: Map<String, Value>,
+    ) -> Result<Option<Value>, TwinError> {
+        let mut push = None;
+        self.update(identity, |t| {
+            let mut patch = diff(&t.desired, &desired);
+            if patch.is_empty() && version(&t.desired) == version(&desired) {
+                return Ok(());
+            }
+            t.desired = desired;
+            if !patch.is_empty() {
+                patch.insert("$version".into(), Value::from(version(&t.desired)));
+                push = Some(Value::Object(patch));
+            }
+            Ok(())
+        })?;
+        Ok(push)
+    }
+
+    /// A desired-properties patch from the parent, carrying its `$version`.
+    pub fn apply_upstream_desired_patch(
+        &self,
+        identity: &str,
+        mut patch: Map<String, Value>,
+    ) -> Result<Value, TwinError> {
+        let v = patch.remove("$version").and_then(|v| v.as_u64());
+        self.update(identity, |t| {
+            let next = version(&t.desired) + 1;
+            merge(&mut t.desired, patch.clone());
+            t.desired
+                .insert("$version".into(), Value::from(v.unwrap_or(next)));
+            Ok(())
+        })
+        .map(|t| {
+            patch.insert("$version".into(), t.desired["$version"].clone());
+            Value::Object(patch)
+        })
+    }
+
+    /// What of the reported properties the parent has not acknowledged yet
+    /// (as one patch, removed keys as null), with the snapshot to record
+    /// once it has. `None` when there is nothing to send.
+    pub fn reported_to_sync(&self, identity: &str) -> Result<Option<ReportedSync>, TwinError> {
+        let t = self.get(identity)?;
+        let synced = t.reported_upstream.clone().unwrap_or_default();
+        let patch = diff(&synced, &t.reported);
+        Ok((!patch.is_empty()).then(|| (Value::Object(patch), t.reported.clone())))
+    }
+
+    /// The parent acknowledged the reported properties as in `snapshot`.
+    pub fn reported_synced(
+        &self,
+        identity: &str,
+        snapshot: Map<String, Value>,
+    ) -> Result<(), TwinError> {
+        self.update(identity, |t| {
+            t.reported_upstream = Some(snapshot);
+            Ok(())
+        })
+        .map(drop)
+    }
+
     /// Forgets the twin (its identity was deleted).
     pub fn remove(&self, identity: &str) -> Result<(), TwinError> {
         let _w = self.write.lock();
@@ -402,6 +480,43 @@ mod tests {
         assert_eq!(
             t.desired,
             obj(json!({"modules": {"a": {"image": "a:2"}}, "schemaVersion": "1.1", "$version": 3}))
+        );
+    }
+
+    #[test]
+    fn upstream_sync_adopts_desired_and_sends_reported_differences() {
+        let dir = tempfile::tempdir().unwrap();
+        let twins = open(dir.path());
+        twins
+            .patch_reported("d", obj(json!({"a": 1, "b": 2})))
+            .unwrap();
+        let (patch, snap) = twins.reported_to_sync("d").unwrap().unwrap();
+        assert_eq!(patch, json!({"a": 1, "b": 2}));
+        twins.reported_synced("d", snap).unwrap();
+        assert!(twins.reported_to_sync("d").unwrap().is_none());
+        twins
+            .patch_reported("d", obj(json!({"a": null, "c": 3})))
+            .unwrap();
+        let (patch, _) = twins.reported_to_sync("d").unwrap().unwrap();
+        assert_eq!(patch, json!({"a": null, "c": 3}));
+
+        let up = obj(json!({"x": 1, "$version": 7}));
+        let push = twins.adopt_upstream_desired("d", up.clone()).unwrap();
+        assert_eq!(push, Some(json!({"x": 1, "$version": 7})));
+        assert_eq!(twins.adopt_upstream_desired("d", up).unwrap(), None);
+        let push = twins
+            .apply_upstream_desired_patch("d", obj(json!({"y": 2, "$version": 8})))
+            .unwrap();
+        assert_eq!(push, json!({"y": 2, "$version": 8}));
+        let t = twins.get("d").unwrap();
+        assert_eq!(t.desired, obj(json!({"x": 1, "y": 2, "$version": 8})));
+        // Survives a reopen with the sync state.
+        drop(twins);
+        let twins = open(dir.path());
+        assert_eq!(twins.get("d").unwrap().desired_version(), 8);
+        assert_eq!(
+            twins.reported_to_sync("d").unwrap().unwrap().0,
+            json!({"a": null, "c": 3})
         );
     }
 
