@@ -41,6 +41,11 @@ VALUE_SETS = {
         "operator": {"edgeAgentSecret": "edge-agent"},
     },
     "hub-only": {"operator": {"enabled": False}, "persistence": {"existingClaim": "my-claim"}},
+    "nested": {
+        "device": {"id": "child-edge", "connectionStringSecret": "child-edge-identity"},
+        "hub": {"upstream": "mqtts://parent.example:8883", "upstreamAuth": "chain",
+                "parentDeviceId": "parent-edge", "upstreamCaSecret": "parent-ca"},
+    },
 }
 
 
@@ -121,6 +126,17 @@ def test_operator_rbac_is_namespaced_and_minimal():
                          "serviceaccounts", "persistentvolumeclaims", "configmaps", "events"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+
+
+def test_nested_values_reach_the_hub():
+    docs = render(VALUE_SETS["nested"])
+    c = by_kind(docs, "Deployment", "edgehub")["spec"]["template"]["spec"]["containers"][0]
+    assert "--upstream-auth=chain" in c["args"] and "--parent-device-id=parent-edge" in c["args"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["EDGEHUB_CONNECTION_STRING"]["valueFrom"]["secretKeyRef"] == {
+        "name": "child-edge-identity", "key": "connectionString"}
+    with pytest.raises(Exception, match="device.connectionStringSecret"):
+        render({"hub": {"upstream": "mqtts://p:8883", "upstreamAuth": "chain"}})
 
 
 def test_cloud_managed_without_tls_secret_is_refused():
