@@ -591,6 +591,9 @@ impl Connection {
                 if let Some(d) = &o.delivery.message.delivered {
                     d.set();
                 }
+                if let Some(token) = o.delivery.stored {
+                    self.broker.session_acked(&self.client_id, token);
+                }
             }
             self.broker
                 .stats
@@ -797,12 +800,22 @@ impl Connection {
             origin: Some(self.client_id.clone()),
             delivered: None,
         });
-        let queued = self.broker.publish(msg);
+        let (queued, durable) = self.broker.publish_durable(msg);
         let code = if queued == 0 && v5 {
             reason::NO_MATCHING_SUBSCRIBERS
         } else {
             reason::SUCCESS
         };
+        if durable.is_some() || (qos != QoS::AtMostOnce && !self.pending.is_empty()) {
+            // Acknowledged once recorded for the persistent sessions it goes
+            // to, and in order with the publishes still waiting to be.
+            let fut: PendingPublish = match durable {
+                Some(f) => Box::pin(async move { (packet_id, qos, f.await.map(|()| 0)) }),
+                None => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
+            };
+            self.pending.push_back(fut);
+            return Ok(());
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(Packet::PubAck(PubResp::new(packet_id, code))),
@@ -903,8 +916,20 @@ impl Connection {
         }
         match r {
             Ok(_) => {
-                if qos == QoS::AtLeastOnce {
-                    self.send(Packet::PubAck(PubResp::new(packet_id, reason::SUCCESS)));
+                match qos {
+                    QoS::AtMostOnce => {}
+                    QoS::AtLeastOnce => {
+                        self.send(Packet::PubAck(PubResp::new(packet_id, reason::SUCCESS)))
+                    }
+                    QoS::ExactlyOnce => {
+                        {
+                            let mut st = self.session.state.lock();
+                            if st.generation == self.generation {
+                                st.incoming_qos2.insert(packet_id);
+                            }
+                        }
+                        self.send(Packet::PubRec(PubResp::new(packet_id, reason::SUCCESS)));
+                    }
                 }
                 Ok(())
             }
@@ -920,13 +945,18 @@ impl Connection {
                         why,
                     });
                 }
-                if qos == QoS::AtLeastOnce {
+                if qos != QoS::AtMostOnce {
                     let code = if e.is_quota() {
                         reason::QUOTA_EXCEEDED
                     } else {
                         reason::UNSPECIFIED_ERROR
                     };
-                    let mut r = Packet::PubAck(PubResp::new(packet_id, code));
+                    let resp = PubResp::new(packet_id, code);
+                    let mut r = if qos == QoS::AtLeastOnce {
+                        Packet::PubAck(resp)
+                    } else {
+                        Packet::PubRec(resp)
+                    };
                     set_reason_props(&mut r, self.reason_props(&why));
                     self.send(r);
                 }
@@ -999,6 +1029,7 @@ impl Connection {
                         message: m,
                         retain: true,
                         subscription_ids: sub_id.into_iter().collect(),
+                        stored: None,
                     });
                 }
             }
@@ -1084,6 +1115,9 @@ impl Connection {
                     .stats
                     .messages_expired
                     .fetch_add(1, Ordering::Relaxed);
+                if let Some(token) = d.stored {
+                    self.broker.session_acked(&self.client_id, token);
+                }
                 continue;
             }
             let packet_id = if d.qos == QoS::AtMostOnce {
@@ -1121,6 +1155,9 @@ impl Connection {
                     // MQTT 5.0 3.1.2.25: discard, as if delivered.
                     debug!(client = %self.client_id, size, max,
                         "message larger than the client's maximum packet size; discarded");
+                    if let Some(token) = d.stored {
+                        self.broker.session_acked(&self.client_id, token);
+                    }
                     self.broker
                         .stats
                         .messages_dropped_too_large

@@ -242,7 +242,16 @@ impl Pipeline {
             out,
             "# HELP edgehub_queue_length Messages waiting per endpoint and priority (10: schema 1.0 routes).\n# TYPE edgehub_queue_length gauge"
         );
+        let mut session_messages = 0u64;
         for ep in self.store.endpoints() {
+            if ep.name().starts_with("session:") {
+                // One queue per persistent MQTT session: summed below, not
+                // one series per client id.
+                session_messages += (0..=edgehub_store::LOWEST_PRIORITY)
+                    .map(|p| ep.queue_length(p))
+                    .sum::<u64>();
+                continue;
+            }
             let name = ep.name().replace('\\', "\\\\").replace('"', "\\\"");
             for p in 0..=edgehub_store::LOWEST_PRIORITY {
                 let n = ep.queue_length(p);
@@ -255,6 +264,10 @@ impl Pipeline {
                 }
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP edgehub_session_queue_length Messages stored for persistent MQTT sessions, all sessions together.\n# TYPE edgehub_session_queue_length gauge\nedgehub_session_queue_length {session_messages}"
+        );
         let _ = writeln!(
             out,
             "# HELP edgehub_store_bytes Bytes of messages held, as counted against --store-max-bytes.\n# TYPE edgehub_store_bytes gauge\nedgehub_store_bytes {}",

@@ -125,6 +125,102 @@ impl crate::broker::SessionStore for StoreTable {
     }
 }
 
+/// Messages for persistent sessions in the store: one queue per session
+/// (`session:{client id}`), each message's record stored once whatever the
+/// fan-out, committed by the store's group commit with its durability
+/// (`--durability`), like telemetry. A record goes when the subscriber has
+/// the message, or with its session.
+struct StoreSessionQueues {
+    store: edgehub_store::Store,
+    handles: dashmap::DashMap<String, Arc<edgehub_store::EndpointHandle>>,
+}
+
+impl StoreSessionQueues {
+    fn handle(
+        &self,
+        session: &str,
+    ) -> Result<Arc<edgehub_store::EndpointHandle>, edgehub_store::StoreError> {
+        if let Some(h) = self.handles.get(session) {
+            return Ok(h.clone());
+        }
+        let h = self.store.endpoint(&format!("session:{session}"))?;
+        self.handles.insert(session.to_owned(), h.clone());
+        Ok(h)
+    }
+
+    fn records(&self, session: &str) -> Vec<edgehub_store::Entry> {
+        match self
+            .handle(session)
+            .and_then(|h| self.store.peek(&h, usize::MAX))
+        {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(client = session, error = %e, "queued messages of a session not readable");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl crate::broker::SessionQueueStore for StoreSessionQueues {
+    fn append(
+        &self,
+        msg: &crate::broker::session::Message,
+        sessions: &[Arc<str>],
+    ) -> crate::broker::BoxFuture<Result<u64, edgehub_store::StoreError>> {
+        let expires_at_ms = msg.expires_at.map_or(0, |t| {
+            let left = t.saturating_duration_since(std::time::Instant::now());
+            self.store.now_ms() + (left.as_millis() as u64).max(1)
+        });
+        let targets: Result<Vec<_>, _> = sessions
+            .iter()
+            .map(|s| {
+                self.handle(s)
+                    .map(|h| edgehub_store::Target::new(&h, 0, expires_at_ms))
+            })
+            .collect();
+        let record = crate::broker::message_record(msg, msg.retain);
+        let store = self.store.clone();
+        Box::pin(async move {
+            let message = edgehub_router::Message::new(bytes::Bytes::from(record));
+            store
+                .append(edgehub_store::Append::new(Arc::new(message), targets?))
+                .await
+        })
+    }
+
+    fn ack(&self, session: &str, token: u64) {
+        if let Err(e) = self
+            .handle(session)
+            .and_then(|h| self.store.ack_seqs(&h, &[(0, token)]))
+        {
+            warn!(client = session, error = %e, "delivered message not removed from the store");
+        }
+    }
+
+    fn load(&self, session: &str) -> Vec<(u64, crate::broker::session::Message)> {
+        self.records(session)
+            .into_iter()
+            .filter_map(|e| {
+                crate::broker::parse_message_record(&e.message.body).map(|m| (e.seq, m))
+            })
+            .collect()
+    }
+
+    fn forget(&self, session: &str) {
+        let entries = self.records(session);
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .handle(session)
+            .and_then(|h| self.store.ack(&h, &entries))
+        {
+            warn!(client = session, error = %e, "queued messages of an ended session not removed");
+        }
+    }
+}
+
 /// Counts live connection tasks so shutdown can wait for them.
 #[derive(Default)]
 struct Tracker {
@@ -282,6 +378,10 @@ impl Server {
             .into_iter()
             .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
             .collect();
+        broker.set_session_queue_store(Arc::new(StoreSessionQueues {
+            store: pipeline.store().clone(),
+            handles: Default::default(),
+        }));
         broker.persist_sessions(
             Arc::new(StoreTable(
                 pipeline.store().clone(),
@@ -289,6 +389,16 @@ impl Server {
             )),
             sessions,
         );
+        // Queues of sessions that no longer exist (expired while the hub
+        // was down, or the crash fell between the two writes).
+        for h in pipeline.store().endpoints() {
+            if let Some(client) = h.name().strip_prefix("session:") {
+                if !broker.has_session(client) {
+                    let entries = pipeline.store().peek(&h, usize::MAX).unwrap_or_default();
+                    let _ = pipeline.store().ack(&h, &entries);
+                }
+            }
+        }
         if broker.session_count() > 0 {
             info!(
                 count = broker.session_count(),

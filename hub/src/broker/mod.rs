@@ -115,6 +115,13 @@ fn parse_session_record(raw: &[u8]) -> Option<(Protocol, u32, u64, Vec<SavedSubs
 /// A retained message as stored: its absolute expiry (unix seconds, 0 =
 /// none) and the message as an MQTT 5 PUBLISH, so every property survives.
 pub fn retained_record(msg: &Message) -> Vec<u8> {
+    message_record(msg, true)
+}
+
+/// A message as the store keeps it (expiry as unix seconds, then the
+/// PUBLISH encoded as MQTT 5 with all its properties); read back with
+/// [`parse_message_record`].
+pub fn message_record(msg: &Message, retain: bool) -> Vec<u8> {
     let now = Instant::now();
     let expiry = msg.expires_at.map_or(0, |t| {
         unix_now() + t.saturating_duration_since(now).as_secs().max(1)
@@ -124,7 +131,7 @@ pub fn retained_record(msg: &Message) -> Vec<u8> {
     let p = edgehub_codec::Packet::Publish(edgehub_codec::Publish {
         dup: false,
         qos: msg.qos,
-        retain: true,
+        retain,
         topic: msg.topic.clone(),
         packet_id: if msg.qos == QoS::AtMostOnce { 0 } else { 1 },
         properties: msg.properties.clone(),
@@ -136,6 +143,11 @@ pub fn retained_record(msg: &Message) -> Vec<u8> {
 
 /// The inverse of [`retained_record`]; `None` when unreadable or expired.
 pub fn parse_retained_record(raw: &[u8]) -> Option<Message> {
+    parse_message_record(raw)
+}
+
+/// The inverse of [`message_record`]; `None` when unreadable or expired.
+pub fn parse_message_record(raw: &[u8]) -> Option<Message> {
     let expiry = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
     let now = unix_now();
     if expiry != 0 && expiry <= now {
@@ -147,7 +159,7 @@ pub fn parse_retained_record(raw: &[u8]) -> Option<Message> {
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
-            retain: true,
+            retain: p.retain,
             properties: p.properties,
             expires_at: (expiry != 0).then(|| Instant::now() + Duration::from_secs(expiry - now)),
             origin: None,
@@ -237,7 +249,30 @@ pub struct Broker {
     session_store: std::sync::OnceLock<Arc<dyn SessionStore>>,
     will_sink: std::sync::OnceLock<Arc<dyn WillSink>>,
     presence: std::sync::OnceLock<PresenceHook>,
+    queue_store: std::sync::OnceLock<Arc<dyn SessionQueueStore>>,
 }
+
+/// Where QoS 1/2 messages for persistent sessions are kept (the hub's
+/// store), so an acknowledged publish survives a crash while its subscriber
+/// is away or has not acknowledged it yet: recorded before the publisher's
+/// PUBACK, removed once the subscriber's PUBACK/PUBCOMP arrives.
+pub trait SessionQueueStore: Send + Sync + 'static {
+    /// Records `msg` for each of `sessions` (durably, group-committed);
+    /// resolves with the token every session's record goes by.
+    fn append(
+        &self,
+        msg: &Message,
+        sessions: &[Arc<str>],
+    ) -> BoxFuture<Result<u64, edgehub_store::StoreError>>;
+    /// The subscriber of `session` has the message of `token`.
+    fn ack(&self, session: &str, token: u64);
+    /// What `session` still has to receive, oldest first (after a restart).
+    fn load(&self, session: &str) -> Vec<(u64, Message)>;
+    /// The session ended: its records go.
+    fn forget(&self, session: &str);
+}
+
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
 /// Told when a client id gets a connection (`true`) and when its
 /// connection ends without a successor (`false`). Must be quick.
@@ -262,7 +297,21 @@ impl Broker {
             session_store: std::sync::OnceLock::new(),
             will_sink: std::sync::OnceLock::new(),
             presence: std::sync::OnceLock::new(),
+            queue_store: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps QoS 1/2 deliveries to persistent sessions in `store` from now
+    /// on (set once, before [`Broker::persist_sessions`], which reloads them).
+    pub fn set_session_queue_store(&self, store: Arc<dyn SessionQueueStore>) {
+        let _ = self.queue_store.set(store);
+    }
+
+    /// The subscriber of `session` has the delivery recorded as `token`.
+    pub fn session_acked(&self, session: &str, token: u64) {
+        if let Some(q) = self.queue_store.get() {
+            q.ack(session, token);
+        }
     }
 
     /// Calls `hook` on every connect and final disconnect from now on (set
@@ -295,6 +344,9 @@ impl Broker {
                     Some(l) if l > 0 => Some(l),
                     _ => {
                         store.remove(&client_id);
+                        if let Some(q) = self.queue_store.get() {
+                            q.forget(&client_id);
+                        }
                         continue;
                     }
                 }
@@ -309,6 +361,34 @@ impl Broker {
                         tree.insert(&id, share, inner, SubEntry { options, id: sid })
                     });
                     st.subscriptions.insert(filter, (options, sid));
+                }
+                if let Some(q) = self.queue_store.get() {
+                    let now = Instant::now();
+                    for (token, msg) in q.load(&client_id) {
+                        // QoS and retain as the subscriptions deliver them.
+                        let matching = st
+                            .subscriptions
+                            .iter()
+                            .filter(|(f, _)| topic::matches(split_share(f).1, &msg.topic));
+                        let (mut qos, mut rap) = (None, false);
+                        for (_, (o, _)) in matching {
+                            qos = qos.max(Some(o.qos));
+                            rap |= o.retain_as_published;
+                        }
+                        match qos {
+                            Some(qos) if !msg.expired(now) => st.queue.push_back(Delivery {
+                                qos: qos.min(msg.qos),
+                                retain: msg.retain && rap,
+                                message: Arc::new(msg),
+                                subscription_ids: Vec::new(),
+                                stored: Some(token),
+                            }),
+                            _ => q.ack(&client_id, token),
+                        }
+                    }
+                    if !st.queue.is_empty() {
+                        tracing::debug!(client = %client_id, queued = st.queue.len(), "queued messages restored");
+                    }
                 }
             }
             self.sessions.insert(id, session.clone());
@@ -365,6 +445,10 @@ impl Broker {
 
     pub fn retained_count(&self) -> usize {
         self.retained.read().len()
+    }
+
+    pub fn has_session(&self, client_id: &str) -> bool {
+        self.sessions.contains_key(client_id)
     }
 
     pub fn session_count(&self) -> usize {
@@ -554,10 +638,18 @@ impl Broker {
             st.generation += 1;
             st.connected = false;
             session.online.store(false, Ordering::Release);
+            let had_stored = st.queue.iter().any(|d| d.stored.is_some())
+                || st.inflight.values().any(|o| o.delivery.stored.is_some());
             st.queue.clear();
             st.inflight.clear();
             if let Some(store) = self.session_store.get() {
                 store.remove(&session.client_id);
+            }
+            if let (true, Some(q)) = (
+                had_stored || st.expiry_interval != 0,
+                self.queue_store.get(),
+            ) {
+                q.forget(&session.client_id);
             }
             (std::mem::take(&mut st.subscriptions), st.will.take())
         };
@@ -604,6 +696,29 @@ impl Broker {
     /// and routes it to every matching session. Returns how many sessions it
     /// was queued for.
     pub fn publish(&self, msg: Arc<Message>) -> usize {
+        let (queued, durable) = self.publish_durable(msg);
+        if let Some(f) = durable {
+            // Nobody waits to acknowledge (a will, a module input): the
+            // deliveries follow once recorded.
+            tokio::spawn(async move {
+                if let Err(e) = f.await {
+                    tracing::warn!(error = %e, "message for persistent sessions not recorded");
+                }
+            });
+        }
+        queued
+    }
+
+    /// As [`Broker::publish`]; QoS 1/2 deliveries to persistent sessions
+    /// are recorded in the session queue store first and queued when the
+    /// returned future resolves: acknowledge the publisher only then.
+    pub fn publish_durable(
+        &self,
+        msg: Arc<Message>,
+    ) -> (
+        usize,
+        Option<BoxFuture<Result<(), edgehub_store::StoreError>>>,
+    ) {
         self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
         if msg.retain {
             let mut r = self.retained.write();
@@ -621,10 +736,37 @@ impl Broker {
                 }
             }
         }
-        self.route(&msg)
+        let mut deferred = Vec::new();
+        let queued = self.route(&msg, &mut deferred);
+        if deferred.is_empty() {
+            return (queued, None);
+        }
+        let q = self
+            .queue_store
+            .get()
+            .expect("deferred only with a queue store")
+            .clone();
+        let ids: Vec<Arc<str>> = deferred
+            .iter()
+            .map(|(s, _): &(Arc<Session>, Delivery)| s.client_id.clone())
+            .collect();
+        let append = q.append(&msg, &ids);
+        let max = self.limits.max_queued_messages;
+        let fut: BoxFuture<Result<(), edgehub_store::StoreError>> = Box::pin(async move {
+            let token = append.await?;
+            for (session, mut d) in deferred {
+                d.stored = Some(token);
+                if !session.enqueue(d, max) {
+                    // Full (counted by the session): the record goes too.
+                    q.ack(&session.client_id, token);
+                }
+            }
+            Ok(())
+        });
+        (queued, Some(fut))
     }
 
-    fn route(&self, msg: &Arc<Message>) -> usize {
+    fn route(&self, msg: &Arc<Message>, deferred: &mut Vec<(Arc<Session>, Delivery)>) -> usize {
         let mut targets: Vec<Target> = Vec::new();
         let mut groups: Vec<(Vec<Target>, usize)> = Vec::new();
         {
@@ -673,8 +815,15 @@ impl Broker {
                     qos: qos.min(msg.qos),
                     retain: msg.retain && rap,
                     subscription_ids: ids,
+                    stored: None,
                 };
-                if s.enqueue(d, self.limits.max_queued_messages) {
+                let persistent = self.queue_store.get().is_some()
+                    && d.qos != QoS::AtMostOnce
+                    && s.state.lock().expiry_interval != 0;
+                if persistent {
+                    deferred.push((s, d));
+                    queued += 1;
+                } else if s.enqueue(d, self.limits.max_queued_messages) {
                     queued += 1;
                 } else {
                     self.stats
@@ -714,6 +863,7 @@ impl Broker {
             message: msg,
             retain: false,
             subscription_ids: Vec::new(),
+            stored: None,
         };
         if session.enqueue(d, self.limits.max_queued_messages) {
             if connected {

@@ -75,6 +75,9 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// Its record in the durable session queue (persistent sessions, QoS
+    /// 1/2): removed once the subscriber has the message.
+    pub stored: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
