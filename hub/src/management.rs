@@ -1153,6 +1153,19 @@ async fn iothub_put_device(
                     edge,
                     parent,
                 };
+                let mut spec = spec;
+                if edge {
+                    // As IoT Hub: an edge device comes with its system modules.
+                    for m in crate::iothub::identity::EDGE_SYSTEM_MODULES {
+                        if !spec.modules.iter().any(|x| x.module_id == m) {
+                            spec.modules.push(ModuleSpec {
+                                module_id: m.to_owned(),
+                                primary_key: new_key(),
+                                secondary_key: Some(new_key()),
+                            });
+                        }
+                    }
+                }
                 Ok((Some(spec.clone()), spec))
             })
         },

@@ -72,6 +72,12 @@ def test_parent_accepts_only_leaves_registered_under_the_child(nested):
     got = parent.api("GET", "/devices/leaf3")
     assert got["deviceScope"] == "ms-azure-iot-edge://child-edge"
     assert parent.api("GET", "/devices/child-edge")["capabilities"] == {"iotEdge": True}
+    # An edge device registered through the API gets its system modules.
+    parent.api("PUT", "/devices/edge-b", {"capabilities": {"iotEdge": True},
+                                          "parentScopes": ["ms-azure-iot-edge://parent-edge"]})
+    mods = {m["moduleId"] for m in parent.api("GET", "/devices/edge-b/modules")}
+    assert mods == {"$edgeAgent", "$edgeHub"}
+    assert parent.api("GET", "/devices/edge-b")["parentScopes"] == ["ms-azure-iot-edge://parent-edge"]
     # Refused identities retry every 30 s; the parent log shows the retry.
     wait_for(lambda: "leaf3" in by_device(parent.outbox()), timeout=45,
              what="leaf3 accepted once registered under the child")
