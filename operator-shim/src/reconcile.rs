@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Service, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -199,52 +199,63 @@ pub async fn apply_plan(
         .controller_owner_ref(&())
         .expect("an EdgeDeployment read from the API has a name and uid");
     let uid = owner.uid.clone();
-    let own = |mut meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+    let own = |mut meta: ObjectMeta| {
         meta.owner_references = Some(vec![owner.clone()]);
         meta
     };
     let selector = format!("{LABEL_DEPLOYMENT}={}", names::label_value(&ed.name_any()));
 
     // Claims and accounts before the Deployments that use them.
-    let mut keep = BTreeSet::new();
-    for c in &plan.claims {
-        let mut c = c.clone();
-        c.metadata = own(c.metadata);
-        keep.insert(apply(client, ns, &c).await?.name_any());
-    }
-    prune::<PersistentVolumeClaim>(client, ns, &selector, &keep, &uid).await?;
-    let mut keep = BTreeSet::new();
-    for cm in &plan.config_maps {
-        let mut cm = cm.clone();
-        cm.metadata = own(cm.metadata);
-        keep.insert(apply(client, ns, &cm).await?.name_any());
-    }
-    prune::<ConfigMap>(client, ns, &selector, &keep, &uid).await?;
-    let mut keep = BTreeSet::new();
-    for sa in &plan.service_accounts {
-        let mut sa = sa.clone();
-        sa.metadata = own(sa.metadata);
-        keep.insert(apply(client, ns, &sa).await?.name_any());
-    }
-    prune::<ServiceAccount>(client, ns, &selector, &keep, &uid).await?;
-    let mut keep = BTreeSet::new();
-    let mut applied = Vec::new();
-    for d in &plan.deployments {
-        let mut d = d.clone();
-        d.metadata = own(d.metadata);
-        let d = apply(client, ns, &d).await?;
-        keep.insert(d.name_any());
-        applied.push(d);
-    }
-    prune::<Deployment>(client, ns, &selector, &keep, &uid).await?;
-    let mut keep = BTreeSet::new();
-    for s in &plan.services {
-        let mut s = s.clone();
-        s.metadata = own(s.metadata);
-        keep.insert(apply(client, ns, &s).await?.name_any());
-    }
-    prune::<Service>(client, ns, &selector, &keep, &uid).await?;
+    let ours = Ours {
+        client,
+        ns,
+        selector: &selector,
+        uid: &uid,
+    };
+    ours.sync(&plan.claims, &own).await?;
+    ours.sync(&plan.config_maps, &own).await?;
+    ours.sync(&plan.service_accounts, &own).await?;
+    let applied = ours.sync(&plan.deployments, &own).await?;
+    ours.sync(&plan.services, &own).await?;
     Ok(applied)
+}
+
+/// This EdgeDeployment's objects of one kind in its namespace.
+struct Ours<'a> {
+    client: &'a Client,
+    ns: &'a str,
+    selector: &'a str,
+    uid: &'a str,
+}
+
+impl Ours<'_> {
+    /// Applies `objects` (owned by the EdgeDeployment) and deletes the
+    /// others of that kind it owns; returns them as applied.
+    async fn sync<K>(
+        &self,
+        objects: &[K],
+        own: &impl Fn(ObjectMeta) -> ObjectMeta,
+    ) -> Result<Vec<K>, Error>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Serialize
+            + DeserializeOwned
+            + Clone
+            + Debug,
+    {
+        let mut keep = BTreeSet::new();
+        let mut applied = Vec::with_capacity(objects.len());
+        for o in objects {
+            let mut o = o.clone();
+            let meta = std::mem::take(o.meta_mut());
+            *o.meta_mut() = own(meta);
+            let o = apply(self.client, self.ns, &o).await?;
+            keep.insert(o.name_any());
+            applied.push(o);
+        }
+        prune::<K>(self.client, self.ns, self.selector, &keep, self.uid).await?;
+        Ok(applied)
+    }
 }
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K, kube::Error>

@@ -130,11 +130,7 @@ impl IotHubAuth {
         let Some(password) = password else {
             return refuse("no SAS token of the acting edge device".into());
         };
-        let token = std::str::from_utf8(password)
-            .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))
-            .and_then(|t| {
-                SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
-            })?;
+        let token = parse_token(password)?;
         let sr: Vec<&str> = token.resource.split('/').collect();
         let sr_ok = matches!(sr.as_slice(), [h, "devices", d]
             if self.known_host(registry, h) && same(d, &actor.id));
@@ -249,6 +245,13 @@ impl IotHubAuth {
             && !topic_or_filter.starts_with("$iothub/")
             && !(filter && (topic_or_filter.starts_with('#') || topic_or_filter.starts_with('+')))
     }
+}
+
+/// The SAS token in a CONNECT password.
+fn parse_token(password: &[u8]) -> Result<SasToken, AuthError> {
+    let t = std::str::from_utf8(password)
+        .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))?;
+    SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
 }
 
 fn now() -> u64 {
@@ -367,11 +370,7 @@ impl Authenticator for IotHubAuth {
                 "no SAS token in the password and no client certificate".into(),
             ));
         };
-        let token = std::str::from_utf8(password)
-            .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))
-            .and_then(|t| {
-                SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
-            })?;
+        let token = parse_token(password)?;
         // sr: {host}/devices/{d}[/modules/{m}]
         let sr: Vec<&str> = token.resource.split('/').collect();
         let sr_ok = match sr.as_slice() {
