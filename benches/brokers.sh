@@ -8,7 +8,7 @@
 if ! command -v mosquitto >/dev/null; then
     apt-get update -qq && apt-get install -y -qq mosquitto >/dev/null
 fi
-cargo build -q --release -p edgehub -p edgehub-loadtest
+[ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build -q --release -p edgehub -p edgehub-loadtest
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 # Thousands of devices need more descriptors than the usual soft limit.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
