@@ -38,6 +38,10 @@ struct Args {
     /// Seconds to publish (the run also stops at --count).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Seconds from the start (connection ramp included) whose publishes
+    /// are left out of the latency histograms (throughput counts them).
+    #[arg(long, default_value_t = 0.0)]
+    warmup: f64,
     /// Messages per device (optional).
     #[arg(long)]
     count: Option<u64>,
@@ -85,6 +89,7 @@ fn config(a: &Args, target: Target) -> LoadConfig {
     c.duration = Some(Duration::from_secs_f64(a.duration));
     c.count_per_device = a.count;
     c.hold = a.hold;
+    c.warmup = Duration::from_secs_f64(a.warmup.max(0.0));
     c.subscribers = a.subscribers;
     c.topic_prefix = a.topic_prefix.clone();
     c.client_prefix = a.client_prefix.clone();
