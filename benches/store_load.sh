@@ -24,17 +24,8 @@ pid=""
 cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-python3 - "$work" "$devices" <<'PY'
-import base64, json, sys
-work, n = sys.argv[1], int(sys.argv[2])
-key = base64.b64encode(b"loadtest-device-key-0123456789ab").decode()
-devs = [f"lt-{i}" for i in range(n)]
-json.dump({"iothubHostname": "bench.azure-devices.net",
-           "devices": [{"deviceId": d, "primaryKey": key} for d in devs]}, open(f"{work}/ids.json", "w"))
-with open(f"{work}/cs.txt", "w") as f:
-    for d in devs:
-        f.write(f"HostName=bench.azure-devices.net;DeviceId={d};SharedAccessKey={key};GatewayHostName=localhost\n")
-PY
+source benches/iothub_ids.sh
+make_iothub_ids "$work" "$devices"
 
 echo "edgehub $(git rev-parse --short HEAD), $(nproc) cores, disk of $work, $(date -u +%Y-%m-%dT%H:%MZ)"
 if [ -x "$target_dir/release/examples/fsync_rate" ]; then

@@ -373,10 +373,7 @@ struct BulkRequest {
     devices: Vec<DeviceRequest>,
 }
 
-fn new_key() -> String {
-    let bytes: [u8; 32] = rand::random();
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
+use crate::iothub::identity::new_key;
 
 fn spec_from(device_id: String, r: DeviceRequest) -> DeviceSpec {
     // An X.509 device has no keys; a key device gets one if none is given.
@@ -1155,16 +1152,7 @@ async fn iothub_put_device(
                 };
                 let mut spec = spec;
                 if edge {
-                    // As IoT Hub: an edge device comes with its system modules.
-                    for m in crate::iothub::identity::EDGE_SYSTEM_MODULES {
-                        if !spec.modules.iter().any(|x| x.module_id == m) {
-                            spec.modules.push(ModuleSpec {
-                                module_id: m.to_owned(),
-                                primary_key: new_key(),
-                                secondary_key: Some(new_key()),
-                            });
-                        }
-                    }
+                    crate::iothub::identity::add_system_modules(&mut spec);
                 }
                 Ok((Some(spec.clone()), spec))
             })

@@ -92,6 +92,27 @@ pub struct ModuleSpec {
 /// The modules every edge device has in IoT Hub's registry.
 pub const EDGE_SYSTEM_MODULES: [&str; 2] = ["$edgeAgent", "$edgeHub"];
 
+/// A new random key, as IoT Hub generates them (32 bytes, base64).
+pub fn new_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Gives an edge device the system modules it lacks (keys generated), as
+/// IoT Hub does for every edge device.
+pub fn add_system_modules(spec: &mut DeviceSpec) {
+    for m in EDGE_SYSTEM_MODULES {
+        if !spec.modules.iter().any(|x| x.module_id == m) {
+            spec.modules.push(ModuleSpec {
+                module_id: m.to_owned(),
+                primary_key: new_key(),
+                secondary_key: Some(new_key()),
+            });
+        }
+    }
+}
+
 /// Registers this edge device (`--device-id`) with its system modules when
 /// they are missing (keys generated), marked as an edge device. `key` (from
 /// `--connection-string`) becomes its primary key; other keys stay.
@@ -100,16 +121,11 @@ pub fn ensure_edge_device(
     device_id: &str,
     own_key: Option<&str>,
 ) -> Result<(), RegistryError> {
-    fn key() -> String {
-        use base64::Engine;
-        let bytes: [u8; 32] = rand::random();
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    }
     identities.modify(device_id, |current| {
         let mut spec = current.clone().unwrap_or_else(|| DeviceSpec {
             device_id: device_id.to_owned(),
-            primary_key: key(),
-            secondary_key: Some(key()),
+            primary_key: new_key(),
+            secondary_key: Some(new_key()),
             x509: None,
             modules: Vec::new(),
             edge: true,
@@ -121,15 +137,7 @@ pub fn ensure_edge_device(
                 spec.primary_key = k.to_owned();
             }
         }
-        for m in EDGE_SYSTEM_MODULES {
-            if !spec.modules.iter().any(|x| x.module_id == m) {
-                spec.modules.push(ModuleSpec {
-                    module_id: m.to_owned(),
-                    primary_key: key(),
-                    secondary_key: Some(key()),
-                });
-            }
-        }
+        add_system_modules(&mut spec);
         let changed = current.as_ref() != Some(&spec);
         if changed {
             tracing::info!(
