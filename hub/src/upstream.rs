@@ -74,11 +74,18 @@ pub enum UpstreamEvent {
     Reported(String),
 }
 
-/// What an identity's worker is told.
-enum Work {
-    Entry(Entry),
+/// What an identity's worker is told besides its messages: on a channel of
+/// its own, read even while the window is full, so a device arriving or
+/// leaving is acted on during a long backlog drain too.
+enum Control {
     Online(bool),
     Reported,
+}
+
+/// The two ways into an identity's worker.
+struct WorkerTx {
+    entries: mpsc::UnboundedSender<Entry>,
+    control: mpsc::UnboundedSender<Control>,
 }
 
 /// PUBLISHes in flight per upstream connection.
@@ -378,17 +385,19 @@ pub async fn run(
         status,
         done: done_tx,
     });
-    let mut workers: HashMap<String, mpsc::UnboundedSender<Work>> = HashMap::new();
+    let mut workers: HashMap<String, WorkerTx> = HashMap::new();
     let worker_shutdown = shutdown.clone();
     let spawn = |identity: &str| {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (entries, entries_rx) = mpsc::unbounded_channel();
+        let (control, control_rx) = mpsc::unbounded_channel();
         tokio::spawn(identity_worker(
             shared.clone(),
             identity.to_owned(),
-            rx,
+            entries_rx,
+            control_rx,
             worker_shutdown.clone(),
         ));
-        tx
+        WorkerTx { entries, control }
     };
     let mut outstanding = 0usize;
     info!(upstream = %shared.cfg.host, port = shared.cfg.port, "upstream executor started");
@@ -401,7 +410,7 @@ pub async fn run(
                         let identity = identity_of(&e.message);
                         outstanding += 1;
                         let tx = workers.entry(identity.clone()).or_insert_with(|| spawn(&identity));
-                        if let Err(mpsc::error::SendError(e)) = tx.send(Work::Entry(e)) {
+                        if let Err(mpsc::error::SendError(e)) = tx.entries.send(e) {
                             // The worker stopped (shutdown): nothing is lost,
                             // the entry stays stored.
                             drop(e);
@@ -425,8 +434,8 @@ pub async fn run(
             }
             Some(ev) = events.recv() => {
                 let (client, work) = match ev {
-                    UpstreamEvent::Presence(c, online) => (c, Work::Online(online)),
-                    UpstreamEvent::Reported(c) => (c, Work::Reported),
+                    UpstreamEvent::Presence(c, online) => (c, Control::Online(online)),
+                    UpstreamEvent::Reported(c) => (c, Control::Reported),
                 };
                 // Only registered identities have a twin and cloud traffic
                 // (anonymous development clients do not).
@@ -434,7 +443,7 @@ pub async fn run(
                     continue;
                 }
                 let tx = workers.entry(client.clone()).or_insert_with(|| spawn(&client));
-                let _ = tx.send(work);
+                let _ = tx.control.send(work);
             }
             _ = shutdown.changed() => return,
         }
@@ -637,7 +646,8 @@ impl Link {
 async fn identity_worker(
     sh: Arc<Shared>,
     identity: String,
-    mut rx: mpsc::UnboundedReceiver<Work>,
+    mut rx: mpsc::UnboundedReceiver<Entry>,
+    mut control: mpsc::UnboundedReceiver<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Not yet acknowledged upstream, oldest first; the first `sent` of
@@ -647,12 +657,15 @@ async fn identity_worker(
     'outer: loop {
         while pending.is_empty() && !online {
             tokio::select! {
-                w = rx.recv() => match w {
-                    Some(Work::Entry(e)) => pending.push_back(e),
-                    Some(Work::Online(o)) => online = o,
-                    Some(Work::Reported) => {}
+                e = rx.recv() => match e {
+                    Some(e) => pending.push_back(e),
                     None => return,
                 },
+                Some(c) = control.recv() => {
+                    if let Control::Online(o) = c {
+                        online = o;
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -760,15 +773,18 @@ async fn identity_worker(
                         continue 'outer;
                     }
                 },
-                w = rx.recv(), if sent == pending.len() => match w {
-                    Some(Work::Entry(e)) => pending.push_back(e),
-                    Some(Work::Online(true)) => {
+                e = rx.recv(), if sent == pending.len() => match e {
+                    Some(e) => pending.push_back(e),
+                    None => return,
+                },
+                Some(c) = control.recv() => match c {
+                    Control::Online(true) => {
                         online = true;
                         if let (Some(relay), false) = (&sh.relay, down.subscribed) {
                             down.start(&mut link, relay.as_ref()).await;
                         }
                     }
-                    Some(Work::Online(false)) => {
+                    Control::Online(false) => {
                         online = false;
                         if down.subscribed {
                             // The parent must stop seeing the identity as
@@ -779,12 +795,11 @@ async fn identity_worker(
                             continue 'outer;
                         }
                     }
-                    Some(Work::Reported) => {
+                    Control::Reported => {
                         if let (Some(relay), true) = (&sh.relay, down.subscribed) {
                             down.sync_reported(&mut link, relay.as_ref()).await;
                         }
                     }
-                    None => return,
                 },
                 Some((status, rid, payload)) = answers.recv() => {
                     link.send(&Packet::Publish(Publish {
