@@ -40,6 +40,10 @@ const TX_HIGH: usize = 64 * 1024;
 const TX_PAUSE_READ: usize = 1024 * 1024;
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// After a DISCONNECT with a reason: how long and how much of the client's
+/// remaining input is read and dropped before the socket closes.
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
+const CLOSE_DRAIN_BYTES: usize = 1024 * 1024;
 
 /// Why the main loop stopped.
 struct Close {
@@ -144,7 +148,25 @@ pub async fn serve<S>(
         .stats
         .connections
         .fetch_sub(1, Ordering::Relaxed);
+    let told = close.reason.is_some();
     conn.finish(close, &mut wr).await;
+    if told {
+        // The client may still be sending (say, the rest of an oversized
+        // PUBLISH). Closing with its bytes unread in our receive buffer makes
+        // the kernel reset the connection, and the client then loses the
+        // DISCONNECT that says why. Read and drop for a moment instead.
+        let mut sink = vec![0u8; 16 * 1024];
+        let mut left = CLOSE_DRAIN_BYTES;
+        let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+            while left > 0 {
+                match rd.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+    }
 }
 
 enum FirstPacketError {
