@@ -118,16 +118,7 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
         Err(e) => {
             let why = e.to_string();
             tracing::warn!(%ns, %name, %why, "invalid EdgeDeployment; running objects left alone");
-            warn(&ctx, &ed, "InvalidManifest", &why).await;
-            let mut status = ed.status.clone().unwrap_or_default();
-            set_condition(
-                &mut status,
-                ed.metadata.generation,
-                "Ready",
-                false,
-                "InvalidManifest",
-                &why,
-            );
+            let status = not_ready(&ctx, &ed, "InvalidManifest", &why).await;
             write_status(&ctx.client, &ed, status).await?;
             return Ok(Action::await_change());
         }
@@ -156,21 +147,32 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
         }
         Err(e) => {
             let why = e.to_string();
-            warn(&ctx, &ed, "ApplyFailed", &why).await;
-            let mut status = ed.status.clone().unwrap_or_default();
-            set_condition(
-                &mut status,
-                ed.metadata.generation,
-                "Ready",
-                false,
-                "ApplyFailed",
-                &why,
-            );
+            let status = not_ready(&ctx, &ed, "ApplyFailed", &why).await;
             // Best effort: the apply error is the one worth returning.
             let _ = write_status(&ctx.client, &ed, status).await;
             Err(e)
         }
     }
+}
+
+/// A Warning event and the status with `Ready=False` for `reason`.
+async fn not_ready(
+    ctx: &Context,
+    ed: &EdgeDeployment,
+    reason: &str,
+    why: &str,
+) -> EdgeDeploymentStatus {
+    warn(ctx, ed, reason, why).await;
+    let mut status = ed.status.clone().unwrap_or_default();
+    set_condition(
+        &mut status,
+        ed.metadata.generation,
+        "Ready",
+        false,
+        reason,
+        why,
+    );
+    status
 }
 
 async fn warn(ctx: &Context, ed: &EdgeDeployment, reason: &str, note: &str) {

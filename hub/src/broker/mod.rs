@@ -817,18 +817,18 @@ impl Broker {
                     subscription_ids: ids,
                     stored: None,
                 };
-                let persistent = self.queue_store.get().is_some()
-                    && d.qos != QoS::AtMostOnce
-                    && s.state.lock().expiry_interval != 0;
-                if persistent {
-                    deferred.push((s, d));
-                    queued += 1;
-                } else if s.enqueue(d, self.limits.max_queued_messages) {
-                    queued += 1;
-                } else {
-                    self.stats
-                        .messages_dropped_queue_full
-                        .fetch_add(1, Ordering::Relaxed);
+                let hold = self.queue_store.get().is_some() && d.qos != QoS::AtMostOnce;
+                match s.offer(d, self.limits.max_queued_messages, hold) {
+                    session::Offer::Queued => queued += 1,
+                    session::Offer::Persistent(d) => {
+                        deferred.push((s, d));
+                        queued += 1;
+                    }
+                    session::Offer::Dropped => {
+                        self.stats
+                            .messages_dropped_queue_full
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             i = j;

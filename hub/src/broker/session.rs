@@ -167,9 +167,20 @@ impl Session {
     /// "at most once": nobody is there to receive it). A full queue drops the
     /// new message and counts it. Returns whether it was queued.
     pub fn enqueue(&self, d: Delivery, max_queued: usize) -> bool {
+        matches!(self.offer(d, max_queued, false), Offer::Queued)
+    }
+
+    /// As [`Session::enqueue`], but with `hold_persistent` a delivery to a
+    /// session that outlives its connection is handed back instead, to be
+    /// recorded in the store first (decided under the one lock `enqueue`
+    /// takes anyway: this runs for every delivery of every publish).
+    pub fn offer(&self, d: Delivery, max_queued: usize, hold_persistent: bool) -> Offer {
         let mut st = self.state.lock();
+        if hold_persistent && st.expiry_interval != 0 {
+            return Offer::Persistent(d);
+        }
         if !st.connected && d.qos == QoS::AtMostOnce {
-            return false;
+            return Offer::Dropped;
         }
         if st.queue.len() >= max_queued {
             st.dropped += 1;
@@ -177,7 +188,7 @@ impl Session {
                 tracing::debug!(client = %self.client_id, dropped = st.dropped,
                     "session queue full; dropping new messages");
             }
-            return false;
+            return Offer::Dropped;
         }
         st.queue.push_back(d);
         let connected = st.connected;
@@ -185,8 +196,19 @@ impl Session {
         if connected {
             self.wake.notify_one();
         }
-        true
+        Offer::Queued
     }
+}
+
+/// What became of a delivery offered to a session.
+#[derive(Debug)]
+pub enum Offer {
+    Queued,
+    /// Not queued: QoS 0 while offline, or the queue is full.
+    Dropped,
+    /// Handed back: the session is persistent and the delivery must be
+    /// recorded before it is queued.
+    Persistent(Delivery),
 }
 
 impl SessionState {
