@@ -138,6 +138,15 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_MAX_QUEUED_MESSAGES", default_value_t = 1000)]
     pub max_queued_messages: usize,
 
+    /// Deliveries of one cloud-to-device message without it being completed
+    /// (a device that drops its connection before acknowledging, or lets the
+    /// lock run out), after which the message is dead-lettered: removed and
+    /// counted (`edgehub_c2d_messages_total{outcome="dead_lettered"}`), as
+    /// IoT Hub's maximum delivery count.
+    #[arg(long, env = "EDGEHUB_C2D_MAX_DELIVERY_COUNT", default_value_t = edgehub_device::c2d::DEFAULT_MAX_DELIVERY_COUNT,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub c2d_max_delivery_count: u32,
+
     /// Topic aliases an MQTT 5 client may use towards the hub.
     #[arg(long, env = "EDGEHUB_TOPIC_ALIAS_MAXIMUM", default_value_t = 64)]
     pub topic_alias_maximum: u16,

@@ -9,9 +9,9 @@
 //! module endpoints. Must not touch: routing (done before the store) or the
 //! wire (the module's connection task writes the PUBLISH).
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use edgehub_codec::{Props, QoS, Str};
 use edgehub_router::{Endpoint, Message, SystemProperty};
@@ -19,6 +19,8 @@ use edgehub_store::{EndpointHandle, Entry, Store};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
+
+use edgehub_device::c2d::{Deliveries, LockToken};
 
 use crate::broker::session::{Delivered, Message as BrokerMessage};
 use crate::broker::Broker;
@@ -100,7 +102,9 @@ pub fn c2d_endpoint_name(device: &str) -> String {
     format!("c2d:{device}")
 }
 
-/// Runs the executor of one module input until shutdown.
+/// Runs the executor of one module input until shutdown. Module inputs are
+/// delivered until the module has them, however often that takes (as IoT
+/// Edge does).
 pub async fn run_module_endpoint(
     broker: Arc<Broker>,
     store: Store,
@@ -111,40 +115,100 @@ pub async fn run_module_endpoint(
     shutdown: watch::Receiver<bool>,
 ) {
     let base = format!("devices/{device}/modules/{module}/inputs/{input}/");
-    run_session_endpoint(
-        broker,
-        store,
-        handle,
-        format!("{device}/{module}"),
+    let target = SessionTarget {
+        client: format!("{device}/{module}"),
         base,
-        shutdown,
-    )
-    .await
+        max_delivery_count: None,
+        observed: None,
+    };
+    run_session_endpoint(broker, store, handle, target, shutdown).await
+}
+
+/// What one device's cloud-to-device queue has been through, for the
+/// management API and the metrics: delivery attempts of the messages it
+/// holds, and how messages left it.
+#[derive(Default)]
+pub struct C2dObserved {
+    /// Store sequence → delivery attempts so far (while it is queued).
+    pub delivery_counts: dashmap::DashMap<u64, u32>,
+}
+
+/// How cloud-to-device messages left their queues, over all devices.
+#[derive(Default)]
+pub struct C2dOutcomes {
+    pub completed: std::sync::atomic::AtomicU64,
+    pub rejected: std::sync::atomic::AtomicU64,
+    pub dead_lettered: std::sync::atomic::AtomicU64,
+    pub expired: std::sync::atomic::AtomicU64,
+}
+
+impl C2dOutcomes {
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# HELP edgehub_c2d_messages_total Cloud-to-device messages that left their queue, by how.\n# TYPE edgehub_c2d_messages_total counter"
+        );
+        for (outcome, v) in [
+            ("completed", &self.completed),
+            ("rejected", &self.rejected),
+            ("dead_lettered", &self.dead_lettered),
+            ("expired", &self.expired),
+        ] {
+            let _ = writeln!(
+                out,
+                "edgehub_c2d_messages_total{{outcome=\"{outcome}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
 }
 
 /// Runs the executor of one device's cloud-to-device queue until shutdown:
-/// delivered on `devices/{d}/messages/devicebound/{property bag}`.
-pub async fn run_c2d_endpoint(
+/// delivered on `devices/{d}/messages/devicebound/{property bag}`, settled
+/// as IoT Hub settles them (see `edgehub_device::c2d`).
+async fn run_c2d_endpoint(
     broker: Arc<Broker>,
     store: Store,
     handle: Arc<EndpointHandle>,
     device: String,
+    settings: C2dSettings,
     shutdown: watch::Receiver<bool>,
 ) {
-    let base = format!("devices/{device}/messages/devicebound/");
-    run_session_endpoint(broker, store, handle, device, base, shutdown).await
+    let target = SessionTarget {
+        base: format!("devices/{device}/messages/devicebound/"),
+        client: device,
+        max_delivery_count: Some(settings.max_delivery_count),
+        observed: Some((settings.observed, settings.outcomes)),
+    };
+    run_session_endpoint(broker, store, handle, target, shutdown).await
 }
 
-/// Delivers a store queue to the MQTT session `client` on topics under
-/// `base` (plus each message's property bag).
+/// Where and how a store queue is delivered over MQTT.
+struct SessionTarget {
+    /// The MQTT session (client id) it goes to.
+    client: String,
+    /// Topic prefix; each message's property bag follows.
+    base: String,
+    max_delivery_count: Option<u32>,
+    observed: Option<(Arc<C2dObserved>, Arc<C2dOutcomes>)>,
+}
+
+/// Delivers a store queue to one MQTT session. Every delivery is locked in
+/// the device layer's [`Deliveries`] until the session acknowledges it
+/// (complete: it leaves the store), loses it (its session ended: abandoned,
+/// offered to the next connection with its count one higher) or holds it
+/// longer than [`REDELIVER_AFTER`] (abandoned as well).
 async fn run_session_endpoint(
     broker: Arc<Broker>,
     store: Store,
     handle: Arc<EndpointHandle>,
-    client: String,
-    base: String,
+    target: SessionTarget,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use edgehub_device::c2d::Action;
+    use std::sync::atomic::Ordering::Relaxed;
     let name = handle.name().to_owned();
     let mut reader = match store.reader(handle) {
         Ok(r) => r,
@@ -153,52 +217,104 @@ async fn run_session_endpoint(
             return;
         }
     };
+    let client = &target.client;
     let waker = Arc::new(Notify::new());
-    // Read from the store, not yet accepted by the module's session.
-    let mut waiting: VecDeque<Entry> = VecDeque::new();
-    let mut inflight: VecDeque<(Entry, Arc<Delivered>, Instant)> = VecDeque::new();
+    let mut deliveries: Deliveries<Entry> = Deliveries::new(target.max_delivery_count);
+    // Read order: the device layer puts abandoned messages back by it.
+    let mut order = 0u64;
+    let mut sent: HashMap<LockToken, Arc<Delivered>> = HashMap::new();
     let mut absent_logged = false;
+    let count = |seq: u64, n: Option<u32>| {
+        if let Some((obs, _)) = &target.observed {
+            match n {
+                Some(n) => obs.delivery_counts.insert(seq, n),
+                None => obs.delivery_counts.remove(&seq).map(|(_, v)| v),
+            };
+        }
+    };
+    let outcome = |pick: fn(&C2dOutcomes) -> &std::sync::atomic::AtomicU64| {
+        if let Some((_, o)) = &target.observed {
+            pick(o).fetch_add(1, Relaxed);
+        }
+    };
     info!(endpoint = %name, client = %client, "endpoint executor started");
     loop {
-        // Acknowledged deliveries leave the store (any order; the store
-        // keeps the checkpoint right).
+        // Settle what the session reported: acknowledged deliveries leave
+        // the store (any order; the store keeps the checkpoint right), lost
+        // ones go again.
         let mut done = Vec::new();
-        inflight.retain(|(e, d, _)| {
+        let mut lost = 0usize;
+        sent.retain(|lock, d| {
             if d.is_set() {
-                done.push(e.clone());
+                if let Ok(e) = deliveries.complete(*lock) {
+                    done.push(e);
+                }
+                false
+            } else if d.is_released() {
+                lost += 1;
+                let _ = deliveries.abandon(*lock);
                 false
             } else {
                 true
             }
         });
+        if lost > 0 {
+            debug!(endpoint = %name, count = lost, "deliveries lost with their session; offering them again");
+        }
         if !done.is_empty() {
+            for e in &done {
+                count(e.seq, None);
+                outcome(|o| &o.completed);
+            }
             if let Err(e) = reader.ack(&done) {
                 warn!(endpoint = %name, error = %e, "acknowledging delivered messages failed; they will be delivered again");
             }
         }
-        // Deliveries unacknowledged for too long go again, in order.
-        if inflight
-            .front()
-            .is_some_and(|(_, _, at)| at.elapsed() >= REDELIVER_AFTER)
-        {
-            debug!(endpoint = %name, count = inflight.len(), "redelivering unacknowledged messages");
-            for (e, _, _) in inflight.drain(..).rev() {
-                waiting.push_front(e);
-            }
-        }
-        // Hand messages to the module's session while the window allows.
+        // Deliveries held too long go again, in order.
         let now_ms = store.now_ms();
+        let timed_out = deliveries.expire_locks(now_ms, REDELIVER_AFTER.as_millis() as u64);
+        if timed_out > 0 {
+            debug!(endpoint = %name, count = timed_out, "redelivering unacknowledged messages");
+            // Their locks ran out: a late acknowledgement of the old
+            // delivery is ignored, the new one counts.
+            sent.retain(|lock, d| {
+                let held = deliveries.is_locked(*lock);
+                if !held {
+                    d.cancel();
+                }
+                held
+            });
+        }
+        // Hand messages to the session while the window allows.
         let mut blocked = false;
-        while inflight.len() < MODULE_WINDOW {
-            let Some(e) = waiting.front() else { break };
-            if e.expires_at_ms != 0 && e.expires_at_ms <= now_ms {
-                let e = waiting.pop_front().expect("front exists");
-                let _ = reader.expire(&[e]);
-                continue;
-            }
+        while deliveries.locked() < MODULE_WINDOW {
+            let Some(action) = deliveries.poll(now_ms) else {
+                break;
+            };
+            let (lock, n, e) = match action {
+                Action::Expired(e) => {
+                    count(e.seq, None);
+                    outcome(|o| &o.expired);
+                    let _ = reader.expire(&[e]);
+                    continue;
+                }
+                Action::DeadLettered(e) => {
+                    count(e.seq, None);
+                    outcome(|o| &o.dead_lettered);
+                    warn!(endpoint = %name, client = %client, seq = e.seq,
+                          "message dead-lettered: delivered the maximum number of times without being completed");
+                    let _ = reader.ack(&[e]);
+                    continue;
+                }
+                Action::Deliver {
+                    lock,
+                    delivery_count,
+                    message,
+                } => (lock, delivery_count, message),
+            };
             let delivered = Arc::new(Delivered::new(waker.clone()));
             let msg = Arc::new(BrokerMessage {
-                topic: Str::from(input_topic(&base, &e.message)),
+                topic: Str::from(input_topic(&target.base, &e.message)),
                 payload: e.message.body.clone(),
                 qos: QoS::AtLeastOnce,
                 retain: false,
@@ -207,8 +323,11 @@ async fn run_session_endpoint(
                 origin: None,
                 delivered: Some(delivered.clone()),
             });
-            if broker.publish(msg) == 0 {
-                // Not subscribed (or its queue is full): keep order, retry.
+            if broker.publish(msg.clone()) == 0 {
+                // Not subscribed (or its queue is full): keep order, retry;
+                // the attempt does not count.
+                delivered.cancel();
+                let _ = deliveries.retract(lock);
                 if !absent_logged {
                     info!(endpoint = %name, client = %client, "destination not subscribed; messages stay stored");
                     absent_logged = true;
@@ -217,18 +336,27 @@ async fn run_session_endpoint(
                 break;
             }
             absent_logged = false;
-            let e = waiting.pop_front().expect("front exists");
-            inflight.push_back((e, delivered, Instant::now()));
+            count(e.seq, Some(n));
+            sent.insert(lock, delivered);
         }
-        let room = MODULE_WINDOW.saturating_sub(waiting.len() + inflight.len());
-        let tick = if blocked || !inflight.is_empty() {
-            Some(if blocked { RETRY } else { REDELIVER_AFTER })
+        let room = MODULE_WINDOW.saturating_sub(deliveries.len());
+        let tick = if blocked {
+            Some(RETRY)
         } else {
-            None
+            deliveries.oldest_lock_ms().map(|at| {
+                Duration::from_millis(
+                    (at + REDELIVER_AFTER.as_millis() as u64).saturating_sub(now_ms),
+                )
+            })
         };
         tokio::select! {
             batch = reader.next(room.max(1)), if room > 0 && !blocked => match batch {
-                Ok(b) => waiting.extend(b),
+                Ok(b) => {
+                    for e in b {
+                        order += 1;
+                        deliveries.push(order, e.expires_at_ms, e);
+                    }
+                }
                 Err(e) => {
                     warn!(endpoint = %name, error = %e, "reading the store failed; retrying");
                     tokio::time::sleep(RETRY).await;
@@ -239,6 +367,15 @@ async fn run_session_endpoint(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// How a hub settles cloud-to-device messages, shared by every device's
+/// executor.
+#[derive(Clone)]
+pub struct C2dSettings {
+    pub max_delivery_count: u32,
+    pub observed: Arc<C2dObserved>,
+    pub outcomes: Arc<C2dOutcomes>,
 }
 
 /// Cloud-to-device messages one device may have waiting (IoT Hub: 50).
@@ -264,16 +401,37 @@ pub struct C2dExecutors {
     store: Store,
     shutdown: watch::Receiver<bool>,
     started: parking_lot::Mutex<std::collections::HashSet<String>>,
+    pub settings: C2dSettings,
 }
 
 impl C2dExecutors {
-    pub fn new(broker: Arc<Broker>, store: Store, shutdown: watch::Receiver<bool>) -> C2dExecutors {
+    pub fn new(
+        broker: Arc<Broker>,
+        store: Store,
+        shutdown: watch::Receiver<bool>,
+        max_delivery_count: u32,
+    ) -> C2dExecutors {
         C2dExecutors {
             broker,
             store,
             shutdown,
             started: Default::default(),
+            settings: C2dSettings {
+                max_delivery_count,
+                observed: Arc::default(),
+                outcomes: Arc::default(),
+            },
         }
+    }
+
+    /// Delivery attempts so far of the queued message `seq` (0: never
+    /// delivered).
+    pub fn delivery_count(&self, seq: u64) -> u32 {
+        self.settings
+            .observed
+            .delivery_counts
+            .get(&seq)
+            .map_or(0, |c| *c)
     }
 
     /// The queue of `device` (as registered), with its executor running.
@@ -285,6 +443,7 @@ impl C2dExecutors {
                 self.store.clone(),
                 handle.clone(),
                 device.to_owned(),
+                self.settings.clone(),
                 self.shutdown.clone(),
             ));
         }

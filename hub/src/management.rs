@@ -70,11 +70,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 use crate::broker::Broker;
+use crate::iothub::error::ErrorCode;
 use crate::iothub::identity::{DeviceSpec, Identities, ModuleSpec, RegistryError, X509Spec};
 use crate::pipeline::Pipeline;
 
 pub struct Management {
     pub c2d: Arc<crate::endpoints::C2dExecutors>,
+    pub presence: Arc<crate::iothub::presence::Presence>,
     pub services: Arc<crate::iothub::services::Services>,
     /// The upstream link's state, when there is an upstream.
     pub upstream: Option<Arc<crate::upstream::UpstreamStatus>>,
@@ -156,8 +158,24 @@ pub fn router(m: Arc<Management>) -> Router {
         .with_state(m)
 }
 
+/// An error answer in IoT Hub's shape (`errorCode`, `trackingId`,
+/// `message`, `timestampUtc`), with IoT Hub's most usual code for `status`.
+/// `error` repeats the message for the API's earlier clients.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+    let message = message.into();
+    // Every missing-module answer here says "no module …".
+    let code = match status.as_u16() {
+        404 if message.starts_with("no module") => ErrorCode::ModuleNotFound,
+        s => ErrorCode::for_status(s),
+    };
+    error_coded(status, code, message)
+}
+
+fn error_coded(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    let message = message.into();
+    let mut body = crate::iothub::error::error_body(code, &message);
+    body["error"] = message.into();
+    (status, Json(body)).into_response()
 }
 
 /// Every `/api` route: the bearer token, or 401 with what is wrong.
@@ -223,6 +241,7 @@ async fn metrics(State(m): State<Arc<Management>>) -> Response {
     if let Some(u) = &m.upstream {
         u.render_metrics(&mut out);
     }
+    m.c2d.settings.outcomes.render_metrics(&mut out);
     let s = &m.broker.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     out.push_str(&format!(
@@ -249,6 +268,9 @@ struct OutboxMessage {
     body: String,
     properties: BTreeMap<String, String>,
     system_properties: BTreeMap<String, String>,
+    /// Cloud-to-device queues: delivery attempts so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery_count: Option<u32>,
 }
 
 const MAX_OUTBOX_READ: usize = 10_000;
@@ -262,15 +284,20 @@ async fn outbox(State(m): State<Arc<Management>>, Query(q): Query<OutboxQuery>) 
     };
     let store = m.pipeline.store().clone();
     let name = name.to_owned();
+    let c2d = name.starts_with("c2d:").then(|| m.c2d.clone());
     blocking(
         move || store.peek(&ep, max),
-        |entries| outbox_answer(&name, &entries),
+        |entries| outbox_answer(&name, &entries, c2d.as_deref()),
         internal,
     )
     .await
 }
 
-fn outbox_answer(name: &str, entries: &[edgehub_store::Entry]) -> Response {
+fn outbox_answer(
+    name: &str,
+    entries: &[edgehub_store::Entry],
+    c2d: Option<&crate::endpoints::C2dExecutors>,
+) -> Response {
     let b64 = base64::engine::general_purpose::STANDARD;
     let messages: Vec<OutboxMessage> = entries
         .iter()
@@ -290,6 +317,7 @@ fn outbox_answer(name: &str, entries: &[edgehub_store::Entry]) -> Response {
                 .system_properties()
                 .map(|(k, v)| (k.to_owned(), v.to_string()))
                 .collect(),
+            delivery_count: c2d.map(|c| c.delivery_count(e.seq)),
         })
         .collect();
     Json(serde_json::json!({ "endpoint": name, "messages": messages })).into_response()
@@ -525,6 +553,7 @@ async fn delete_device(m: Arc<Management>, device: String) -> Response {
             for identity in identities {
                 m2.broker.revoke(&identity);
                 let _ = m2.services.twins.remove(&identity);
+                m2.presence.forget(&identity);
             }
             // Its cloud-to-device messages have nobody to go to any more
             // (the queue is bounded, so one read takes them all).
@@ -609,7 +638,11 @@ async fn send_c2d(
             Json(serde_json::json!({ "seq": seq })),
         )
             .into_response(),
-        Err(e @ C2dError::QueueFull(_)) => error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e @ C2dError::QueueFull(_)) => error_coded(
+            StatusCode::FORBIDDEN,
+            ErrorCode::DeviceMaximumQueueDepthExceeded,
+            e.to_string(),
+        ),
         Err(C2dError::Store(e)) if e.is_quota() => {
             error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
         }
@@ -664,15 +697,71 @@ fn session_key(device: &str, module: Option<&str>) -> String {
     }
 }
 
-/// A twin as IoT Hub's service API shows it.
-fn twin_json(device: &str, module: Option<&str>, t: &crate::iothub::twin::Twin) -> Response {
+/// A twin as IoT Hub's service API shows it: identity, `etag`, `version`,
+/// `status`, `connectionState`, `lastActivityTime`, authentication, tags,
+/// and each properties section with its `$version` and `$metadata`
+/// (`$lastUpdated` for the section; per-property times are not kept).
+fn twin_json(
+    m: &Management,
+    device: &str,
+    module: Option<&str>,
+    t: &crate::iothub::twin::Twin,
+) -> Response {
+    use crate::iothub::identity::X509Spec;
+    use crate::iothub::presence::NEVER;
+    let (state, last_activity) = m.presence.state(&session_key(device, module));
+    let reg = m.identities.registry();
+    let dev = reg.device(device);
+    let (auth, thumbs) = match (module, dev.and_then(|d| d.x509.as_ref())) {
+        (
+            None,
+            Some(X509Spec::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            }),
+        ) => (
+            "selfSigned",
+            (
+                Some(primary_thumbprint.clone()),
+                secondary_thumbprint.clone(),
+            ),
+        ),
+        (None, Some(X509Spec::CertificateAuthority)) => ("certificateAuthority", (None, None)),
+        _ => ("sas", (None, None)),
+    };
+    let section = |s: &serde_json::Map<String, serde_json::Value>,
+                   updated: Option<u64>,
+                   desired: bool| {
+        let mut s = s.clone();
+        let version = s.get("$version").cloned().unwrap_or(1.into());
+        let mut meta = serde_json::json!({
+            "$lastUpdated": updated.map_or_else(|| NEVER.to_owned(), crate::iothub::presence::rfc3339_ms),
+        });
+        if desired {
+            meta["$lastUpdatedVersion"] = version;
+        }
+        s.insert("$metadata".into(), meta);
+        s
+    };
     let mut v = serde_json::json!({
         "deviceId": device,
+        "etag": t.etag(),
+        "version": t.version,
+        "status": "enabled",
+        "statusUpdateTime": NEVER,
+        "connectionState": state,
+        "lastActivityTime": last_activity,
+        "authenticationType": auth,
+        "x509Thumbprint": { "primaryThumbprint": thumbs.0, "secondaryThumbprint": thumbs.1 },
         "tags": t.tags,
-        "properties": { "desired": t.desired, "reported": t.reported },
+        "properties": {
+            "desired": section(&t.desired, t.desired_updated, true),
+            "reported": section(&t.reported, t.reported_updated, false),
+        },
     });
-    if let Some(m) = module {
-        v["moduleId"] = m.into();
+    match module {
+        Some(mid) => v["moduleId"] = mid.into(),
+        None => v["capabilities"] = serde_json::json!({ "iotEdge": dev.is_some_and(|d| d.edge) }),
     }
     Json(v).into_response()
 }
@@ -698,7 +787,7 @@ async fn get_twin(
     let twins = m.services.twins.clone();
     blocking(
         move || twins.get(&key),
-        |t| twin_json(&device, module.as_deref(), &t),
+        move |t| twin_json(&m, &device, module.as_deref(), &t),
         twin_error,
     )
     .await
@@ -753,7 +842,7 @@ async fn patch_twin(
         let _ = tx.send(r);
     });
     match rx.await {
-        Ok(Ok((t, _))) => twin_json(&device, module.as_deref(), &t),
+        Ok(Ok((t, _))) => twin_json(&m, &device, module.as_deref(), &t),
         Ok(Err(e)) => twin_error(e),
         Err(e) => internal(e),
     }
@@ -813,8 +902,9 @@ async fn invoke_method(
                 .unwrap_or_else(|_| String::from_utf8_lossy(&answer.payload).into_owned().into());
             Json(serde_json::json!({ "status": answer.status, "payload": payload })).into_response()
         }
-        Err(e) => error(
+        Err(e) => error_coded(
             StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            e.code(),
             e.to_string(),
         ),
     }
@@ -1266,6 +1356,7 @@ async fn iothub_delete_module(
             })?;
             m2.broker.revoke(&removed);
             let _ = m2.services.twins.remove(&removed);
+            m2.presence.forget(&removed);
             Ok::<_, RegistryError>(())
         },
         |()| StatusCode::NO_CONTENT.into_response(),

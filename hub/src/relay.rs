@@ -79,7 +79,9 @@ impl CloudToEdge for Relay {
                 Ok(r) => (r.status, r.payload),
                 Err(e) => (
                     e.status() as i32,
-                    Bytes::from(serde_json::json!({ "message": e.to_string() }).to_string()),
+                    Bytes::from(
+                        crate::iothub::error::error_body(e.code(), &e.to_string()).to_string(),
+                    ),
                 ),
             }
         })

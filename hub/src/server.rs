@@ -68,6 +68,7 @@ pub struct Server {
     upstream_status: Arc<crate::upstream::UpstreamStatus>,
     management: Option<TcpListener>,
     management_token: String,
+    c2d_max_delivery_count: u32,
     mqtt: Option<TcpListener>,
     mqtts: Option<(TcpListener, TlsAcceptor)>,
     shutdown: watch::Sender<bool>,
@@ -460,6 +461,7 @@ impl Server {
             pipeline,
             management: Some(management),
             management_token,
+            c2d_max_delivery_count: config.c2d_max_delivery_count,
             mqtt,
             mqtts: Some(mqtts),
             shutdown: watch::channel(false).0,
@@ -495,11 +497,35 @@ impl Server {
             self.broker.clone(),
             self.pipeline.store().clone(),
             self.shutdown.subscribe(),
+            self.c2d_max_delivery_count,
         ));
         c2d.resume();
+        // Presence: registered identities' connection state for their twins;
+        // with an upstream, also what keeps their cloud connections open.
+        let presence = Arc::new(crate::iothub::presence::Presence::default());
+        let mut upstream_events = self
+            .upstream
+            .is_some()
+            .then(tokio::sync::mpsc::unbounded_channel::<crate::upstream::UpstreamEvent>);
+        {
+            let (presence, identities) = (presence.clone(), self.identities.clone());
+            let tx = upstream_events.as_ref().map(|(tx, _)| tx.clone());
+            self.broker.set_presence_hook(Box::new(move |id, online| {
+                if identities.registry().knows_session(id) {
+                    presence.record(id, online);
+                }
+                if let Some(tx) = &tx {
+                    let _ = tx.send(crate::upstream::UpstreamEvent::Presence(
+                        id.to_owned(),
+                        online,
+                    ));
+                }
+            }));
+        }
         if let Some(l) = self.management.take() {
             let app = crate::management::router(Arc::new(crate::management::Management {
                 c2d: c2d.clone(),
+                presence: presence.clone(),
                 services: self.services.clone(),
                 upstream: self
                     .upstream
@@ -522,11 +548,8 @@ impl Server {
         // upstream link, which hands what comes down to the relay.
         let upstream = self.upstream.clone().map(|cfg| {
             use crate::upstream::UpstreamEvent;
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (tx, rx) = upstream_events.take().expect("one upstream link");
             let tx2 = tx.clone();
-            self.broker.set_presence_hook(Box::new(move |id, online| {
-                let _ = tx.send(UpstreamEvent::Presence(id.to_owned(), online));
-            }));
             self.services.set_reported_hook(Box::new(move |id| {
                 let _ = tx2.send(UpstreamEvent::Reported(id.to_owned()));
             }));

@@ -27,12 +27,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use edgehub_codec::{decode, encode, Connect, Packet, Props, Protocol, Publish, QoS, Str};
+use bytes::Bytes;
+use edgehub_codec::{Connect, Packet, Props, Protocol, Publish, QoS, Str};
+use edgehub_mqtt_client::{dial, Client, ClientError};
 use edgehub_router::{Message, SystemProperty};
 use edgehub_store::{EndpointHandle, Entry, Store};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -481,13 +481,9 @@ fn upstream_topic(identity: &str, m: &Message) -> String {
     crate::endpoints::input_topic(&base, m)
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
+/// One identity's connection to the parent.
 struct Link {
-    io: Box<dyn Io>,
-    rx: BytesMut,
-    tx: BytesMut,
+    client: Client,
 }
 
 /// Why a connection could not be opened.
@@ -556,25 +552,13 @@ impl Link {
             .map_or(0, |d| d.as_secs());
         let token = crate::iothub::sas::sign(&resource, &key, now + TOKEN_TTL_SECS)
             .map_err(|e| OpenError::Local(e.to_string()))?;
-        let addr = format!("{}:{}", cfg.host, cfg.port);
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+        let io = dial(&cfg.host, cfg.port, Some(&cfg.tls), CONNECT_TIMEOUT)
             .await
-            .map_err(|_| remote(format!("connecting to {addr} timed out")))?
-            .map_err(|e| remote(format!("connecting to {addr}: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        let name = rustls_pki_types::ServerName::try_from(cfg.host.clone()).map_err(|_| {
-            OpenError::Local(format!("{:?} is not a valid TLS server name", cfg.host))
-        })?;
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, cfg.tls.connect(name, tcp))
-            .await
-            .map_err(|_| remote("TLS handshake timed out".to_string()))?
-            .map_err(|e| remote(format!("TLS handshake with {addr}: {e}")))?;
-        let mut link = Link {
-            io: Box::new(tls),
-            rx: BytesMut::with_capacity(4096),
-            tx: BytesMut::with_capacity(8192),
-        };
-        link.send(&Packet::Connect(Box::new(Connect {
+            .map_err(|e| match e {
+                ClientError::ServerName(_) => OpenError::Local(e.to_string()),
+                e => remote(e.to_string()),
+            })?;
+        let connect = Connect {
             protocol: Protocol::V311,
             clean_start: true,
             keep_alive: 60,
@@ -587,57 +571,33 @@ impl Link {
                 chain.map_or(String::new(), |c| format!("&auth-chain={c}"))
             ))),
             password: Some(Bytes::from(token)),
-        })));
-        link.flush()
-            .await
-            .map_err(|e| remote(format!("write: {e}")))?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, link.recv()).await {
-            Err(_) => Err(remote("no CONNACK in time".into())),
-            Ok(Ok(Packet::ConnAck(a))) if a.code == 0 => Ok(link),
-            Ok(Ok(Packet::ConnAck(a))) if a.code == 4 || a.code == 5 => {
-                Err(OpenError::Refused(format!(
-                    "upstream refused {identity}: {}",
-                    if a.code == 4 {
-                        "bad user name or password (code 4)"
-                    } else {
-                        "not authorized (code 5)"
-                    }
-                )))
-            }
-            Ok(Ok(Packet::ConnAck(a))) => Err(remote(format!(
-                "upstream refused {identity}: code {}",
-                a.code
+        };
+        match Client::handshake(io, connect, CONNECT_TIMEOUT).await {
+            Ok(client) => Ok(Link { client }),
+            Err(e) if e.is_auth_refusal() => Err(OpenError::Refused(format!(
+                "upstream refused {identity}: {e}"
             ))),
-            Ok(Ok(p)) => Err(remote(format!("{} before CONNACK", p.name()))),
-            Ok(Err(e)) => Err(remote(e)),
+            Err(e @ ClientError::Refused(_)) => {
+                Err(remote(format!("upstream refused {identity}: {e}")))
+            }
+            Err(e) => Err(remote(e.to_string())),
         }
     }
 
     fn send(&mut self, p: &Packet) {
-        let _ = encode(p, Protocol::V311, &mut self.tx, usize::MAX);
+        self.client.send(p)
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.tx.is_empty() {
-            self.io.write_all(&self.tx).await?;
-            self.tx.clear();
-        }
-        Ok(())
+        self.client.flush().await
     }
 
     async fn recv(&mut self) -> Result<Packet, String> {
-        loop {
-            match decode(&mut self.rx, Protocol::V311, usize::MAX) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("protocol error from upstream: {e}")),
-            }
-            match self.io.read_buf(&mut self.rx).await {
-                Ok(0) => return Err("upstream closed the connection".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
+        self.client.recv().await.map_err(|e| match e {
+            ClientError::Closed => "upstream closed the connection".to_owned(),
+            ClientError::Protocol(p) => format!("protocol error from upstream: {p}"),
+            e => e.to_string(),
+        })
     }
 }
 

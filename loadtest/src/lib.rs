@@ -21,16 +21,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use edgehub_codec::{
-    decode, encode, Connect, Disconnect, Packet, Props, Protocol, PubResp, Publish, QoS, Str,
-    Subscribe, SubscriptionOptions,
+    Connect, Disconnect, Packet, Props, Protocol, PubResp, Publish, QoS, Str, Subscribe,
+    SubscriptionOptions,
 };
+use edgehub_mqtt_client::{dial, Client, ClientError, Step};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::sync::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// Where to send traffic: `mqtt://host:port` or `mqtts://host:port`.
@@ -274,14 +273,9 @@ fn tls_connector(ca: &Option<PathBuf>) -> Result<tokio_rustls::TlsConnector, Loa
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
+/// One device's (or subscriber's) connection to the broker under test.
 struct Conn {
-    io: Box<dyn Io>,
-    rx: BytesMut,
-    tx: BytesMut,
-    protocol: Protocol,
+    client: Client,
 }
 
 impl Conn {
@@ -291,37 +285,20 @@ impl Conn {
         identity: Option<&iothub::DeviceIdentity>,
     ) -> Result<Conn, String> {
         let cfg = &sh.cfg;
-        let addr = format!("{}:{}", cfg.target.host, cfg.target.port);
-        let tcp = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| "connect timeout".to_string())?
-            .map_err(|e| format!("connect: {}", e.kind()))?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &sh.tls {
-            None => Box::new(tcp),
-            Some(tls) => {
-                let name = rustls_pki_types::ServerName::try_from(cfg.target.host.clone())
-                    .map_err(|_| "tls: invalid server name".to_string())?;
-                let s = tokio::time::timeout(cfg.connect_timeout, tls.connect(name, tcp))
-                    .await
-                    .map_err(|_| "tls handshake timeout".to_string())?
-                    .map_err(|e| format!("tls: {e}"))?;
-                Box::new(s)
-            }
-        };
-        let protocol = if cfg.mqtt5 {
-            Protocol::V5
-        } else {
-            Protocol::V311
-        };
-        let mut c = Conn {
-            io,
-            rx: BytesMut::with_capacity(8192),
-            tx: BytesMut::with_capacity(8192),
-            protocol,
-        };
-        c.send(&Packet::Connect(Box::new(Connect {
-            protocol,
+        let io = dial(
+            &cfg.target.host,
+            cfg.target.port,
+            sh.tls.as_ref(),
+            cfg.connect_timeout,
+        )
+        .await
+        .map_err(short)?;
+        let connect = Connect {
+            protocol: if cfg.mqtt5 {
+                Protocol::V5
+            } else {
+                Protocol::V311
+            },
             clean_start: true,
             keep_alive: 60,
             properties: Props::default(),
@@ -329,44 +306,40 @@ impl Conn {
             will: None,
             username: identity.map(|i| Str::from(i.username())),
             password: identity.map(|i| Bytes::from(i.sas_token(3600))),
-        })));
-        c.flush()
+        };
+        Client::handshake(io, connect, cfg.connect_timeout)
             .await
-            .map_err(|e| format!("write: {}", e.kind()))?;
-        match tokio::time::timeout(cfg.connect_timeout, c.recv()).await {
-            Err(_) => Err("connack timeout".into()),
-            Ok(Ok(Packet::ConnAck(a))) if a.code == 0 => Ok(c),
-            Ok(Ok(Packet::ConnAck(a))) => Err(format!("connack refused (code {:#04x})", a.code)),
-            Ok(Ok(p)) => Err(format!("protocol: {} before CONNACK", p.name())),
-            Ok(Err(e)) => Err(e),
-        }
+            .map(|client| Conn { client })
+            .map_err(short)
     }
 
     fn send(&mut self, p: &Packet) {
-        let _ = encode(p, self.protocol, &mut self.tx, usize::MAX);
+        self.client.send(p)
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.tx.is_empty() {
-            self.io.write_all(&self.tx).await?;
-            self.tx.clear();
-        }
-        Ok(())
+        self.client.flush().await
     }
 
     async fn recv(&mut self) -> Result<Packet, String> {
-        loop {
-            match decode(&mut self.rx, self.protocol, usize::MAX) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("protocol: {e}")),
-            }
-            match self.io.read_buf(&mut self.rx).await {
-                Ok(0) => return Err("closed by broker".into()),
-                Ok(_) => {}
-                Err(e) => return Err(format!("read: {}", e.kind())),
-            }
-        }
+        self.client.recv().await.map_err(short)
+    }
+}
+
+/// Error kinds as the report counts them: short, and the same for every
+/// device that hit the same problem (no addresses or ports).
+fn short(e: ClientError) -> String {
+    match e {
+        ClientError::Timeout(Step::TcpConnect) => "connect timeout".into(),
+        ClientError::Timeout(Step::TlsHandshake) => "tls handshake timeout".into(),
+        ClientError::Timeout(Step::ConnAck) => "connack timeout".into(),
+        ClientError::Connect { source, .. } => format!("connect: {}", source.kind()),
+        ClientError::ServerName(_) => "tls: invalid server name".into(),
+        ClientError::Tls { source, .. } => format!("tls: {source}"),
+        ClientError::Refused(code) => format!("connack refused (code {code:#04x})"),
+        ClientError::Protocol(p) => format!("protocol: {p}"),
+        ClientError::Closed => "closed by broker".into(),
+        ClientError::Io(e) => format!("read: {}", e.kind()),
     }
 }
 

@@ -13,3 +13,24 @@ _spec.loader.exec_module(harness)
 
 binary = harness.binary
 start_hub = harness.start_hub
+
+
+def start_sdk_gateway(start_hub, tmp_path, hub_hostname, device, modules, *args):
+    """A hub that serves `device` (id, key) and its `modules` ([(id, key)])
+    for IoT Hub `hub_hostname`, listening on 127.0.0.1:8883: the Azure IoT
+    SDKs always dial 8883."""
+    import json
+    import socket
+
+    import pytest
+
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", 8883)) == 0:
+            pytest.fail("port 8883 is taken; the Azure SDK can only dial 8883")
+    ids = tmp_path / "identities.json"
+    ids.write_text(json.dumps({
+        "iothubHostname": hub_hostname,
+        "devices": [{"deviceId": device[0], "primaryKey": device[1],
+                     "modules": [{"moduleId": m, "primaryKey": k} for m, k in modules]}],
+    }))
+    return start_hub("--identities", str(ids), *args, allow_anonymous=False, mqtts="127.0.0.1:8883")

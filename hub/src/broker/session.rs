@@ -36,29 +36,68 @@ pub struct Message {
 }
 
 /// A one-shot "the destination has it" flag; setting it wakes the endpoint
-/// executor that owns the waker.
+/// executor that owns the waker. If the message is dropped unacknowledged
+/// (its session ended: a clean session's client left, or it was taken
+/// over), the flag says *released*, so the executor can give it to the
+/// next connection at once (and count the attempt) instead of waiting out
+/// its lock.
 #[derive(Debug)]
 pub struct Delivered {
-    done: AtomicBool,
+    /// 0 pending, 1 done, 2 released, 3 cancelled (the executor lets go).
+    state: std::sync::atomic::AtomicU8,
     waker: Arc<Notify>,
 }
 
 impl Delivered {
     pub fn new(waker: Arc<Notify>) -> Delivered {
         Delivered {
-            done: AtomicBool::new(false),
+            state: std::sync::atomic::AtomicU8::new(0),
             waker,
         }
     }
 
-    pub fn set(&self) {
-        if !self.done.swap(true, std::sync::atomic::Ordering::AcqRel) {
+    fn settle(&self, to: u8, wake: bool) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self
+            .state
+            .compare_exchange(0, to, AcqRel, std::sync::atomic::Ordering::Acquire)
+            .is_ok()
+            && wake
+        {
             self.waker.notify_one();
         }
     }
 
+    pub fn set(&self) {
+        self.settle(1, true)
+    }
+
+    /// The message left its session without an acknowledgement.
+    pub fn release(&self) {
+        self.settle(2, true)
+    }
+
+    /// The executor no longer follows this delivery (it never reached a
+    /// session): nothing is reported when it drops.
+    pub fn cancel(&self) {
+        self.settle(3, false)
+    }
+
     pub fn is_set(&self) -> bool {
-        self.done.load(std::sync::atomic::Ordering::Acquire)
+        self.state.load(std::sync::atomic::Ordering::Acquire) == 1
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.state.load(std::sync::atomic::Ordering::Acquire) == 2
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        // Every holder is gone: a delivery nobody acknowledged was lost.
+        if let Some(d) = &self.delivered {
+            d.release();
+        }
     }
 }
 

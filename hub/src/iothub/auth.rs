@@ -135,17 +135,17 @@ impl IotHubAuth {
         let sr_ok = matches!(sr.as_slice(), [h, "devices", d]
             if self.known_host(registry, h) && same(d, &actor.id));
         if !sr_ok {
-            return Err(AuthError::BadCredentials(format!(
+            return Err(AuthError::NotAuthorized(format!(
                 "auth-chain token resource {:?} is not edge device {:?} on this gateway or its IoT Hub",
                 token.resource, actor.id
             )));
         }
         token
             .check_expiry(now())
-            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
         token
             .verify(&actor.keys.all())
-            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
         Ok(Principal {
             name: name.into(),
             anonymous: false,
@@ -250,8 +250,8 @@ impl IotHubAuth {
 /// The SAS token in a CONNECT password.
 fn parse_token(password: &[u8]) -> Result<SasToken, AuthError> {
     let t = std::str::from_utf8(password)
-        .map_err(|_| AuthError::BadCredentials("password is not UTF-8".into()))?;
-    SasToken::parse(t).map_err(|e| AuthError::BadCredentials(e.to_string()))
+        .map_err(|_| AuthError::NotAuthorized("password is not UTF-8".into()))?;
+    SasToken::parse(t).map_err(|e| AuthError::NotAuthorized(e.to_string()))
 }
 
 fn now() -> u64 {
@@ -277,7 +277,7 @@ fn split_identity(s: &str) -> Option<(&str, Option<&str>)> {
 
 impl Authenticator for IotHubAuth {
     fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, AuthError> {
-        let bad = |why: String| Err(AuthError::BadCredentials(why));
+        let bad = |why: String| Err(AuthError::NotAuthorized(why));
         let registry = self.identities.registry();
         if info.username.is_none() && info.password.is_none() {
             if self.allow_anonymous {
@@ -392,10 +392,10 @@ impl Authenticator for IotHubAuth {
         }
         token
             .check_expiry(now())
-            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
         token
             .verify(&keys)
-            .map_err(|e| AuthError::BadCredentials(e.to_string()))?;
+            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
         Ok(Principal {
             name: name.into(),
             anonymous: false,
@@ -543,7 +543,7 @@ mod tests {
             &user(client, chain),
             token,
         ) {
-            Err(AuthError::NotAuthorized(why)) | Err(AuthError::BadCredentials(why)) => why,
+            Err(AuthError::NotAuthorized(why)) => why,
             Err(e) => panic!("{chain}: {e}"),
             Ok(p) => panic!("{chain} accepted as {}", p.name),
         };

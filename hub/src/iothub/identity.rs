@@ -372,6 +372,19 @@ impl Registry {
         self.devices.get(&id.to_lowercase())
     }
 
+    /// Whether a session key (`device` or `device/module`) names a
+    /// registered identity.
+    pub fn knows_session(&self, key: &str) -> bool {
+        let (d, m) = match key.split_once('/') {
+            Some((d, m)) => (d, Some(m)),
+            None => (key, None),
+        };
+        self.device(d).is_some_and(|dev| match m {
+            None => true,
+            Some(m) => dev.modules.contains_key(&m.to_lowercase()),
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.devices.len()
     }

@@ -56,6 +56,19 @@ impl MethodError {
             MethodError::Timeout { .. } => 504,
         }
     }
+
+    /// IoT Hub's error code for it.
+    pub fn code(&self) -> super::error::ErrorCode {
+        use super::error::ErrorCode;
+        match self {
+            MethodError::Invalid(_) => ErrorCode::ArgumentInvalid,
+            MethodError::TooLarge(_) => ErrorCode::MessageTooLarge,
+            MethodError::NotConnected(_) | MethodError::NotSubscribed(_) => {
+                ErrorCode::DeviceNotOnline
+            }
+            MethodError::Timeout { .. } => ErrorCode::GatewayTimeout,
+        }
+    }
 }
 
 /// What the device answered.

@@ -10,8 +10,10 @@
 //! and `services` answers the `$iothub/…` request topics of a connection.
 
 pub mod auth;
+pub mod error;
 pub mod identity;
 pub mod methods;
+pub mod presence;
 pub mod sas;
 pub mod services;
 pub mod telemetry;

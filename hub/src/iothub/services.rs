@@ -19,6 +19,7 @@ use edgehub_codec::{Props, QoS, Str};
 use serde_json::Value;
 use tracing::{debug, warn};
 
+use super::error::ErrorCode;
 use super::methods::Methods;
 use super::twin::{parse_patch, TwinError, Twins};
 use crate::broker::session::Message;
@@ -69,8 +70,8 @@ fn message(topic: String, payload: Bytes, qos: QoS) -> Arc<Message> {
     })
 }
 
-fn error_body(e: &impl std::fmt::Display) -> Bytes {
-    Bytes::from(serde_json::to_vec(&serde_json::json!({ "message": e.to_string() })).unwrap())
+fn error_body(code: ErrorCode, e: &impl std::fmt::Display) -> Bytes {
+    Bytes::from(super::error::error_body(code, &e.to_string()).to_string())
 }
 
 impl Services {
@@ -127,7 +128,7 @@ impl Services {
             "$iothub/twin/GET" => self.run_twin_job(move || {
                 let (status, body) = match me.twins.get(&who) {
                     Ok(t) => (200, Bytes::from(t.device_view().to_string())),
-                    Err(e) => (500, error_body(&e)),
+                    Err(e) => (500, error_body(ErrorCode::ServerError, &e)),
                 };
                 me.reply(
                     &who,
@@ -148,15 +149,15 @@ impl Services {
                         Bytes::new(),
                     ),
                     Err(e) => {
-                        let status = match e {
-                            TwinError::Invalid(_) => 400,
-                            TwinError::TooLarge { .. } => 413,
-                            TwinError::Store(_) => 500,
+                        let (status, code) = match e {
+                            TwinError::Invalid(_) => (400, ErrorCode::ArgumentInvalid),
+                            TwinError::TooLarge { .. } => (413, ErrorCode::MessageTooLarge),
+                            TwinError::Store(_) => (500, ErrorCode::ServerError),
                         };
                         debug!(identity = %who, error = %e, "reported properties refused");
                         (
                             format!("$iothub/twin/res/{status}/?$rid={rid}"),
-                            error_body(&e),
+                            error_body(code, &e),
                         )
                     }
                 };

@@ -48,14 +48,38 @@ fn decode(s: &str) -> Result<String, TelemetryError> {
 
 /// Sets the properties of a URL-encoded property bag (`k=v&$.mid=…`) on
 /// `msg`; `$.cdid`/`$.cmid` are skipped (only the hub stamps identities).
+///
+/// Read as IoT Edge and the SDKs' `UrlEncodedDictionarySerializer` read it:
+/// the bag ends at the first unencoded `/` (the Node SDK ends every bag with
+/// one; an encoded `%2F` is part of a value), `k` and `k=` are a property
+/// with an empty value, a repeated key keeps its last value, and an empty
+/// key, a second `=` in one property, `&&` or a bag that ends in `&` are
+/// refused.
 pub fn apply_property_bag(msg: &mut Message, bag: &str) -> Result<(), TelemetryError> {
-    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+    let bad = |why: String| Err(TelemetryError::BadPropertyBag(why));
+    let (bag, terminated) = match bag.find('/') {
+        Some(i) => (&bag[..i], true),
+        None => (bag, false),
+    };
+    if bag.is_empty() {
+        return Ok(());
+    }
+    let mut pairs = bag.split('&').peekable();
+    while let Some(pair) = pairs.next() {
+        if pair.is_empty() {
+            // "a=1&/" is complete (the '/' ends it); "a=1&" and "a&&b" are not.
+            if pairs.peek().is_none() && terminated {
+                break;
+            }
+            return bad(format!("empty property in {bag:?}"));
+        }
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if v.contains('=') {
+            return bad(format!("unencoded '=' in the value of {pair:?}"));
+        }
         let (k, v) = (decode(k)?, decode(v)?);
         if k.is_empty() {
-            return Err(TelemetryError::BadPropertyBag(format!(
-                "empty key in {pair:?}"
-            )));
+            return bad(format!("empty key in {pair:?}"));
         }
         if k == "$.cdid" || k == "$.cmid" {
             continue; // set by the hub only
@@ -233,5 +257,70 @@ mod tests {
             e("dev1", "devices/dev1/messages/events/=v"),
             TelemetryError::BadPropertyBag(_)
         ));
+    }
+
+    fn bag(b: &str) -> Result<Message, TelemetryError> {
+        let mut m = Message::new(Bytes::new());
+        apply_property_bag(&mut m, b).map(|()| m)
+    }
+
+    fn prop<'a>(m: &'a Message, k: &str) -> Option<&'a str> {
+        m.property(k).map(|s| &**s)
+    }
+
+    #[test]
+    fn property_bag_ends_at_an_unencoded_slash() {
+        // The Node SDK's sendOutputEvent ends the bag with '/'.
+        let m = telemetry_message(
+            "dev1/m",
+            "devices/dev1/modules/m/messages/events/%24.on=out1/",
+            Bytes::new(),
+            T,
+        )
+        .unwrap();
+        assert_eq!(
+            m.source,
+            Some(MessageSource::ModuleOutput {
+                module: "m".into(),
+                output: "out1".into()
+            })
+        );
+        let m = bag("a=1&%24.ct=application%2Fjson/").unwrap();
+        assert_eq!(prop(&m, "a"), Some("1"));
+        assert_eq!(
+            m.system(SystemProperty::ContentType).map(|s| &**s),
+            Some("application/json")
+        );
+        // Whatever follows the terminating '/' is not read.
+        let m = bag("a=1/b=2").unwrap();
+        assert_eq!((prop(&m, "a"), prop(&m, "b")), (Some("1"), None));
+        // A trailing '&' before the '/' is complete, as in the SDKs.
+        assert_eq!(prop(&bag("a=1&/").unwrap(), "a"), Some("1"));
+        // Only the slash ends it.
+        assert!(bag("/a=1").unwrap().properties.is_empty());
+    }
+
+    #[test]
+    fn property_bag_encoded_slash_empty_values_and_repeats() {
+        let m = bag("path=a%2Fb&flag&empty=&k=1&k=2&sp%20ace=x%20y&plus=a+b").unwrap();
+        assert_eq!(prop(&m, "path"), Some("a/b"));
+        assert_eq!(prop(&m, "flag"), Some(""));
+        assert_eq!(prop(&m, "empty"), Some(""));
+        assert_eq!(prop(&m, "k"), Some("2"), "the last of a repeated key wins");
+        assert_eq!(prop(&m, "sp ace"), Some("x y"));
+        assert_eq!(prop(&m, "plus"), Some("a+b"), "'+' is not a space");
+        assert!(bag("").unwrap().properties.is_empty());
+    }
+
+    #[test]
+    fn property_bag_malformed_is_refused() {
+        for b in [
+            "=v", "a=1&&b=2", "&a=1", "a=1&", "a=b=c", "a==", "a=%FF", "%FF=1",
+        ] {
+            assert!(
+                matches!(bag(b), Err(TelemetryError::BadPropertyBag(_))),
+                "{b:?} must be refused"
+            );
+        }
     }
 }

@@ -48,6 +48,12 @@ pub struct Twin {
     /// Behind an upstream: the reported properties the parent last
     /// acknowledged (what still has to go up is the difference).
     pub reported_upstream: Option<Map<String, Value>>,
+    /// The twin's own version: one more for every change of tags, desired
+    /// or reported properties (IoT Hub's twin `version`).
+    pub version: u64,
+    /// When the desired / reported section last changed (unix ms).
+    pub desired_updated: Option<u64>,
+    pub reported_updated: Option<u64>,
 }
 
 impl Default for Twin {
@@ -62,6 +68,9 @@ impl Default for Twin {
             reported: section(),
             tags: Map::new(),
             reported_upstream: None,
+            version: 1,
+            desired_updated: None,
+            reported_updated: None,
         }
     }
 }
@@ -84,25 +93,46 @@ impl Twin {
         serde_json::json!({ "desired": self.desired, "reported": self.reported })
     }
 
+    /// IoT Hub's `etag` for the twin: changes whenever the twin does.
+    pub fn etag(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.version.to_be_bytes())
+    }
+
     fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "desired": self.desired, "reported": self.reported, "tags": self.tags,
-            "reportedUpstream": self.reported_upstream,
+            "reportedUpstream": self.reported_upstream, "version": self.version,
+            "desiredUpdated": self.desired_updated, "reportedUpdated": self.reported_updated,
         }))
         .expect("twin serializes")
     }
 
     fn from_json(raw: &[u8]) -> Option<Twin> {
         let mut v: Map<String, Value> = serde_json::from_slice(raw).ok()?;
+        let number = |k: &str| v.get(k).and_then(Value::as_u64);
+        let (stored_version, desired_updated, reported_updated) = (
+            number("version"),
+            number("desiredUpdated"),
+            number("reportedUpdated"),
+        );
         let mut take = |k: &str| match v.remove(k) {
             Some(Value::Object(m)) => Some(m),
             _ => None,
         };
+        let desired = take("desired")?;
+        let reported = take("reported")?;
         Some(Twin {
-            desired: take("desired")?,
-            reported: take("reported")?,
+            // Records written before the twin had its own version: at
+            // least as many changes as the two sections counted.
+            version: stored_version
+                .unwrap_or_else(|| (version(&desired) + version(&reported)).saturating_sub(1)),
+            desired,
+            reported,
             tags: take("tags").unwrap_or_default(),
             reported_upstream: take("reportedUpstream"),
+            desired_updated,
+            reported_updated,
         })
     }
 }
@@ -228,6 +258,12 @@ pub struct Twins {
     write: parking_lot::Mutex<()>,
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn key(identity: &str) -> Vec<u8> {
     identity.to_lowercase().into_bytes()
 }
@@ -258,7 +294,21 @@ impl Twins {
     ) -> Result<Twin, TwinError> {
         let _w = self.write.lock();
         let mut twin = self.get(identity)?;
+        let before = twin.clone();
         change(&mut twin)?;
+        let now = unix_ms();
+        let mut changed = twin.tags != before.tags;
+        if twin.desired != before.desired {
+            twin.desired_updated = Some(now);
+            changed = true;
+        }
+        if twin.reported != before.reported {
+            twin.reported_updated = Some(now);
+            changed = true;
+        }
+        if changed {
+            twin.version = before.version + 1;
+        }
         self.store
             .put(Table::Twins, &key(identity), &twin.to_json())?;
         Ok(twin)
