@@ -727,6 +727,13 @@ impl Connection {
             payload,
             ..
         } = p;
+        if v5 && !properties.subscription_identifiers.is_empty() {
+            // MQTT-3.3.4-6: only the server puts them on a PUBLISH.
+            return Err(Close::protocol(
+                reason::PROTOCOL_ERROR,
+                "a PUBLISH from a client must not carry a Subscription Identifier",
+            ));
+        }
         if let (true, Some(alias)) = (v5, properties.topic_alias) {
             if alias == 0 || alias > self.broker.limits.topic_alias_maximum {
                 return Err(Close::protocol(
@@ -1014,10 +1021,16 @@ impl Connection {
                     "no-local set on a shared subscription",
                 ));
             }
+            // A shared subscription reaches what its inner filter matches:
+            // that is what must be authorized, never the `$share/…` form.
+            let reaches: &str = match shared {
+                Some((_, inner)) => inner,
+                None => filter,
+            };
             if !self
                 .broker
                 .authorizer
-                .may_subscribe(&self.principal, filter)
+                .may_subscribe(&self.principal, reaches)
             {
                 debug!(client = %self.client_id, filter = %filter, "subscribe not authorized");
                 reasons.push(if v5 {

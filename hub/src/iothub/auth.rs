@@ -281,6 +281,14 @@ impl Authenticator for IotHubAuth {
         let registry = self.identities.registry();
         if info.username.is_none() && info.password.is_none() {
             if self.allow_anonymous {
+                // An identity's client id (and so its session, with its
+                // queued cloud-to-device messages) is that identity's alone.
+                if registry.knows_session(info.client_id) {
+                    return Err(AuthError::NotAuthorized(format!(
+                        "client id {:?} belongs to a registered identity; anonymous clients may not use it",
+                        info.client_id
+                    )));
+                }
                 return Ok(Principal {
                     name: info.client_id.into(),
                     anonymous: true,
