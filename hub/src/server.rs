@@ -53,9 +53,6 @@ pub enum ServerError {
     TrustBundle(#[from] crate::iothub::x509::TrustBundleError),
 }
 
-/// Key of the current deployment manifest in the store's config table.
-pub const DEPLOYMENT_KEY: &[u8] = b"deployment";
-
 pub struct Server {
     broker: Arc<Broker>,
     identities: Arc<crate::iothub::identity::Identities>,
@@ -313,12 +310,19 @@ impl Server {
             Some(path) => {
                 let text = std::fs::read(path).unwrap_or_default();
                 store
-                    .put(edgehub_store::Table::Config, DEPLOYMENT_KEY, &text)
+                    .put(
+                        edgehub_store::Table::Config,
+                        crate::management::DEPLOYMENT_KEY,
+                        &text,
+                    )
                     .map_err(store_err)?;
             }
             None => {
                 if let Some(raw) = store
-                    .get(edgehub_store::Table::Config, DEPLOYMENT_KEY)
+                    .get(
+                        edgehub_store::Table::Config,
+                        crate::management::DEPLOYMENT_KEY,
+                    )
                     .map_err(store_err)?
                 {
                     let doc: serde_json::Value = serde_json::from_slice(&raw)
