@@ -153,6 +153,11 @@ def test_module_output_reaches_another_modules_input_through_a_route(start_hub, 
         assert got["input"] == "in1"
         assert json.loads(got["body"]) == {"temp": 42}
         assert got["properties"]["unit"] == "C"
+        # As from IoT Edge: the sender's identity and output name come along
+        # in the bag, and the Node SDK shows them as properties.
+        assert got["properties"].get("$.cdid") == "node-dev", got
+        assert got["properties"].get("$.cmid") == "node-mod", got
+        assert got["properties"].get("$.on") == "out1", got
     finally:
         receiver.finish()
         if sender and sender.proc.poll() is None:
