@@ -7,7 +7,8 @@
 //! reject remove the message, abandon puts it back at its place in the
 //! order (it goes again, its count one higher), and a lost link abandons
 //! everything it held. A lock not settled within the caller's lock duration
-//! is abandoned too. No I/O and no clock: times are passed in.
+//! is taken back and offered again without counting (silence is not a
+//! failed delivery). No I/O and no clock: times are passed in.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -20,8 +21,8 @@ pub struct LockToken(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettleError {
-    /// IoT Hub's DeviceMessageLockLost: settled already, abandoned for its
-    /// lock running out, or never handed out.
+    /// IoT Hub's DeviceMessageLockLost: settled already, taken back when its
+    /// lock ran out, or never handed out.
     #[error("lock token {0} is unknown or was already settled")]
     LockLost(u64),
 }
@@ -202,8 +203,16 @@ impl<M> Deliveries<M> {
         }
     }
 
-    /// Abandons the deliveries locked for `lock_ms` or longer (the device
-    /// holds them too long); returns how many.
+    /// Takes back the deliveries locked for `lock_ms` or longer, to be
+    /// offered again; returns how many. They do not count as failed
+    /// deliveries: over MQTT a device that is offline with a persistent
+    /// session still holds the message (its session delivers it when it
+    /// returns), so silence is no evidence against the message, and a
+    /// long absence must not dead-letter it. A lost link ([`link_lost`],
+    /// [`abandon`]) is.
+    ///
+    /// [`link_lost`]: Deliveries::link_lost
+    /// [`abandon`]: Deliveries::abandon
     pub fn expire_locks(&mut self, now_ms: u64, lock_ms: u64) -> usize {
         let old: Vec<LockToken> = self
             .locked
@@ -212,7 +221,7 @@ impl<M> Deliveries<M> {
             .map(|(k, _)| *k)
             .collect();
         for lock in &old {
-            let _ = self.abandon(*lock);
+            let _ = self.retract(*lock);
         }
         old.len()
     }
@@ -357,9 +366,18 @@ mod tests {
         assert_eq!(d.expire_locks(29_000, 30_000), 0);
         assert_eq!(d.expire_locks(30_100, 30_000), 1);
         assert_eq!(d.complete(l), Err(SettleError::LockLost(l.0)));
-        let (l, c, _) = deliver(&mut d, 30_100);
+        // Offered again, not counted: however often the lock runs out, the
+        // message is never dead-lettered for silence alone.
+        for _ in 0..5 {
+            let (_, c, _) = deliver(&mut d, 30_100);
+            assert_eq!(c, 1);
+            assert_eq!(d.expire_locks(60_200, 30_000), 1);
+        }
+        let (l, _, _) = deliver(&mut d, 60_200);
+        d.abandon(l).unwrap();
+        let (l, c, _) = deliver(&mut d, 60_200);
         assert_eq!(c, 2);
         d.abandon(l).unwrap();
-        assert_eq!(d.poll(30_100), Some(Action::DeadLettered("m1")));
+        assert_eq!(d.poll(60_200), Some(Action::DeadLettered("m1")));
     }
 }

@@ -199,7 +199,8 @@ struct SessionTarget {
 /// the device layer's [`Deliveries`] until the session acknowledges it
 /// (complete: it leaves the store), loses it (its session ended: abandoned,
 /// offered to the next connection with its count one higher) or holds it
-/// longer than [`REDELIVER_AFTER`] (abandoned as well).
+/// longer than [`REDELIVER_AFTER`] (offered again, not counted as a failed
+/// delivery).
 async fn run_session_endpoint(
     broker: Arc<Broker>,
     store: Store,

@@ -817,7 +817,14 @@ impl Broker {
                     subscription_ids: ids,
                     stored: None,
                 };
-                let hold = self.queue_store.get().is_some() && d.qos != QoS::AtMostOnce;
+                // A message an endpoint executor follows (module input,
+                // cloud-to-device) is kept durable by that executor's own
+                // store queue: recording it again would cost a second
+                // commit and, since the session gets it only once that
+                // commit resolves, could reorder its messages.
+                let hold = self.queue_store.get().is_some()
+                    && d.qos != QoS::AtMostOnce
+                    && msg.delivered.is_none();
                 match s.offer(d, self.limits.max_queued_messages, hold) {
                     session::Offer::Queued => queued += 1,
                     session::Offer::Persistent(d) => {
