@@ -1193,6 +1193,13 @@ impl Connection {
                     if let Some(token) = d.stored {
                         self.broker.session_acked(&self.client_id, token);
                     }
+                    // An endpoint executor's message stays stored and is
+                    // offered again after its lock duration (a smaller
+                    // packet limit may come with the next connection);
+                    // reporting it lost would offer it again at once.
+                    if let Some(done) = &d.message.delivered {
+                        done.cancel();
+                    }
                     self.broker
                         .stats
                         .messages_dropped_too_large
