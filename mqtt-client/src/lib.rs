@@ -245,15 +245,15 @@ mod tests {
         port
     }
 
+    /// Dials the test server on `port` and sends CONNECT: the handshake's outcome.
+    async fn handshake(port: u16) -> Result<Client, ClientError> {
+        let t = Duration::from_secs(5);
+        Client::handshake(dial("127.0.0.1", port, None, t).await?, connect(), t).await
+    }
+
     #[tokio::test]
     async fn handshake_then_publish_and_ack() {
-        let port = server(0).await;
-        let io = dial("127.0.0.1", port, None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let mut c = Client::handshake(io, connect(), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let mut c = handshake(server(0).await).await.unwrap();
         for id in 1..=3u16 {
             c.send(&Packet::Publish(Publish {
                 topic: Str::from("devices/dev1/messages/events/"),
@@ -276,14 +276,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_and_failures_are_typed() {
-        let port = server(5).await;
-        let io = dial("127.0.0.1", port, None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let e = Client::handshake(io, connect(), Duration::from_secs(5))
-            .await
-            .err()
-            .unwrap();
+        let e = handshake(server(5).await).await.err().unwrap();
         assert!(e.is_auth_refusal(), "{e}");
         assert!(e.to_string().contains("not authorized"), "{e}");
         // Nobody listening: a connect error that names the address.
@@ -307,13 +300,7 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             drop(s);
         });
-        let io = dial("127.0.0.1", port, None, Duration::from_secs(5))
-            .await
-            .unwrap();
-        let e = Client::handshake(io, connect(), Duration::from_secs(5))
-            .await
-            .err()
-            .unwrap();
+        let e = handshake(port).await.err().unwrap();
         assert!(matches!(e, ClientError::Closed | ClientError::Io(_)), "{e}");
     }
 }

@@ -58,14 +58,8 @@ pub fn error_body(code: ErrorCode, message: &str) -> Value {
         "errorCode": code as u32,
         "trackingId": tracking_id(),
         "message": message,
-        "timestampUtc": now_utc(),
+        "timestampUtc": super::presence::rfc3339_ms(super::presence::unix_ms()),
     })
-}
-
-fn now_utc() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

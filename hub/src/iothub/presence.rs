@@ -48,6 +48,13 @@ impl Presence {
     }
 }
 
+/// Now, in milliseconds since the epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A unix time in milliseconds as RFC 3339 UTC.
 pub fn rfc3339_ms(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)

@@ -258,12 +258,6 @@ pub struct Twins {
     write: parking_lot::Mutex<()>,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn key(identity: &str) -> Vec<u8> {
     identity.to_lowercase().into_bytes()
 }
@@ -296,7 +290,7 @@ impl Twins {
         let mut twin = self.get(identity)?;
         let before = twin.clone();
         change(&mut twin)?;
-        let now = unix_ms();
+        let now = super::presence::unix_ms();
         let mut changed = twin.tags != before.tags;
         if twin.desired != before.desired {
             twin.desired_updated = Some(now);
