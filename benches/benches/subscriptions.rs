@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use edgehub::broker::subscriptions::{SubEntry, SubscriptionTree};
-use edgehub::broker::topic;
+use edgehub_broker::subscriptions::{SubEntry, SubscriptionTree};
+use edgehub_broker::topic;
 use edgehub_codec::{QoS, SubscriptionOptions};
 
 /// 10k filters shaped like a gateway's: per-device exact topics, per-device

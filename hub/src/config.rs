@@ -354,3 +354,18 @@ impl Config {
         })
     }
 }
+
+impl Config {
+    /// The broker's per-connection and per-session limits.
+    pub fn broker_limits(&self) -> edgehub_broker::Limits {
+        edgehub_broker::Limits {
+            max_packet_size: self.max_packet_size,
+            max_inflight: self.max_inflight.max(1),
+            receive_maximum: self.receive_maximum.max(1),
+            max_queued_messages: self.max_queued_messages,
+            topic_alias_maximum: self.topic_alias_maximum,
+            max_keep_alive: self.max_keep_alive,
+            connect_timeout: std::time::Duration::from_secs(self.connect_timeout),
+        }
+    }
+}

@@ -27,13 +27,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::auth::{AuthError, ConnectInfo, Principal};
-use crate::broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
-use crate::broker::topic::{parse_shared, valid_filter, valid_topic_name};
-use crate::broker::{forwarded_properties, Broker, Ending};
-use crate::iothub::services::{Handled, Services};
+use crate::iothub::services::Handled;
 use crate::iothub::telemetry::TelemetryError;
+use crate::iothub::IotHub;
 use crate::pipeline::{iothub_telemetry, Pipeline};
+use edgehub_broker::auth::{AuthError, ConnectInfo, Principal};
+use edgehub_broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
+use edgehub_broker::topic::{parse_shared, valid_filter, valid_topic_name};
+use edgehub_broker::{forwarded_properties, Broker, Ending};
+use edgehub_device::link::DeviceLink;
 use edgehub_store::StoreError;
 
 const TX_HIGH: usize = 64 * 1024;
@@ -76,7 +78,7 @@ fn decode_close(e: &DecodeError) -> Close {
 pub async fn serve<S>(
     broker: Arc<Broker>,
     pipeline: Option<Arc<Pipeline>>,
-    services: Option<Arc<Services>>,
+    iothub: Option<Arc<IotHub>>,
     stream: S,
     peer: SocketAddr,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
@@ -128,7 +130,7 @@ pub async fn serve<S>(
     let Some(mut conn) = Connection::accept(
         broker,
         pipeline,
-        services,
+        iothub,
         *connect,
         peer,
         peer_certificates.as_deref(),
@@ -210,7 +212,10 @@ struct Connection {
     /// Where IoT Hub telemetry goes (routes, then the store).
     pipeline: Option<Arc<Pipeline>>,
     /// Twin and method requests of IoT Hub identities.
-    services: Option<Arc<Services>>,
+    iothub: Option<Arc<IotHub>>,
+    /// An IoT Hub identity's device link: held (detached on drop) while
+    /// this connection lives.
+    _link: Option<DeviceLink>,
     /// Telemetry awaiting its commit, in arrival order: PUBACKs go out in
     /// the order the PUBLISHes came, while several commits are in flight.
     pending: FuturesOrdered<PendingPublish>,
@@ -244,7 +249,7 @@ impl Connection {
     async fn accept<W: AsyncWrite + Unpin>(
         broker: Arc<Broker>,
         pipeline: Option<Arc<Pipeline>>,
-        services: Option<Arc<Services>>,
+        iothub: Option<Arc<IotHub>>,
         c: Connect,
         peer: SocketAddr,
         certs: Option<&[CertificateDer<'static>]>,
@@ -403,6 +408,11 @@ impl Connection {
         });
         debug!(%peer, client = %client_id, protocol = ?c.protocol, clean_start = c.clean_start,
             session_present = attached.session_present, keep_alive, "client connected");
+        let (principal_anonymous, link_identity, link_kick) = (
+            principal.anonymous,
+            client_id.clone(),
+            attached.kick.clone(),
+        );
         let mut conn = Connection {
             protocol: c.protocol,
             peer,
@@ -426,8 +436,18 @@ impl Connection {
             problem_info: c.properties.request_problem_information != Some(0),
             tx: BytesMut::with_capacity(8192),
             broker,
+            _link: match &iothub {
+                Some(h) if !principal_anonymous => Some(h.layer.links.attach(
+                    link_identity,
+                    Arc::new(crate::iothub::deliveries::MqttLink::new(
+                        h.deliveries.clone(),
+                        link_kick,
+                    )),
+                )),
+                _ => None,
+            },
             pipeline,
-            services,
+            iothub,
             pending: FuturesOrdered::new(),
         };
         conn.send(Packet::ConnAck(ack));
@@ -611,7 +631,7 @@ impl Connection {
         {
             if let Some(o) = st.inflight.remove(&packet_id) {
                 if let Some(d) = &o.delivery.message.delivered {
-                    d.set();
+                    d.acknowledged();
                 }
                 if let Some(token) = o.delivery.stored {
                     self.broker.session_acked(&self.client_id, token);
@@ -838,10 +858,13 @@ impl Connection {
         if durable.is_some() || (qos != QoS::AtMostOnce && !self.pending.is_empty()) {
             // Acknowledged once recorded for the persistent sessions it goes
             // to, and in order with the publishes still waiting to be.
-            let fut: PendingPublish = match durable {
-                Some(f) => Box::pin(async move { (packet_id, qos, f.await.map(|()| 0)) }),
-                None => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
-            };
+            let fut: PendingPublish =
+                match durable {
+                    Some(f) => Box::pin(async move {
+                        (packet_id, qos, f.await.map(|()| 0).map_err(store_error))
+                    }),
+                    None => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
+                };
             self.pending.push_back(fut);
             return Ok(());
         }
@@ -876,8 +899,10 @@ impl Connection {
                 "IoT Hub topics do not support QoS 2; use QoS 0 or 1",
             ));
         }
-        let handled = match &self.services {
-            Some(s) => s.on_publish(&self.principal.name, topic, payload),
+        let handled = match &self.iothub {
+            Some(h) => {
+                crate::iothub::services::on_publish(&h.layer, &self.principal.name, topic, payload)
+            }
             None => Handled::Unknown,
         };
         if handled == Handled::Unknown {
@@ -1170,7 +1195,7 @@ impl Connection {
                 Ok(()) => {
                     if d.qos == QoS::AtMostOnce {
                         if let Some(done) = &d.message.delivered {
-                            done.set();
+                            done.acknowledged();
                         }
                         self.broker
                             .stats
@@ -1198,7 +1223,7 @@ impl Connection {
                     // packet limit may come with the next connection);
                     // reporting it lost would offer it again at once.
                     if let Some(done) = &d.message.delivered {
-                        done.cancel();
+                        done.discarded();
                     }
                     self.broker
                         .stats
@@ -1275,6 +1300,15 @@ fn strip_problem_info(p: &mut Packet) {
 fn set_reason_props(p: &mut Packet, props: Props) {
     if let Packet::PubAck(r) | Packet::PubRec(r) = p {
         r.properties = props;
+    }
+}
+
+/// The store's error back from the broker's boxed one (the hub's session
+/// queue store produces nothing else).
+fn store_error(e: edgehub_broker::QueueStoreError) -> StoreError {
+    match e.0.downcast::<StoreError>() {
+        Ok(e) => *e,
+        Err(other) => StoreError::Corrupt(other.to_string()),
     }
 }
 

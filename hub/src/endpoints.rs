@@ -1,29 +1,26 @@
 //! Endpoint executors: deliver what the store holds for a module input
-//! (`BrokeredEndpoint("/modules/<m>/inputs/<i>")`) to that module over its
-//! MQTT session, several messages in flight, in order, and remove each from
-//! the store only once the module acknowledged it (PUBACK). `$upstream` has
-//! no executor until the upstream link exists: its queue is the outbox the
+//! (`BrokeredEndpoint("/modules/<m>/inputs/<i>")`) or a device's
+//! cloud-to-device queue to that identity's device link, several messages
+//! in flight, in order, and remove each from the store only once its head
+//! reported it completed (MQTT: PUBACK). `$upstream` has its own executor
+//! (`upstream`); without an upstream its queue is the outbox the
 //! management API serves.
 //!
 //! Owns: the delivery window, redelivery and the store acknowledgement for
-//! module endpoints. Must not touch: routing (done before the store) or the
-//! wire (the module's connection task writes the PUBLISH).
+//! these endpoints. Must not touch: routing (done before the store) or the
+//! wire (the identity's head turns each delivery into its frames).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgehub_codec::{Props, QoS, Str};
-use edgehub_router::{Endpoint, Message, SystemProperty};
+use edgehub_router::{Endpoint, Message};
 use edgehub_store::{EndpointHandle, Entry, Store};
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
 use edgehub_device::c2d::{Deliveries, LockToken};
-
-use crate::broker::session::{Delivered, Message as BrokerMessage};
-use crate::broker::Broker;
+use edgehub_device::link::{Delivery, Links, Offer, Receipt, Settled};
 
 /// Messages handed to a module and not yet acknowledged, per endpoint.
 pub const MODULE_WINDOW: usize = 16;
@@ -49,54 +46,6 @@ pub fn parse_endpoint_name(name: &str) -> Option<Endpoint> {
     })
 }
 
-const BAG: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-fn system_key(p: SystemProperty) -> Option<&'static str> {
-    Some(match p {
-        SystemProperty::MessageId => "$.mid",
-        SystemProperty::CorrelationId => "$.cid",
-        SystemProperty::UserId => "$.uid",
-        SystemProperty::To => "$.to",
-        SystemProperty::ContentType => "$.ct",
-        SystemProperty::ContentEncoding => "$.ce",
-        SystemProperty::ConnectionDeviceId => "$.cdid",
-        SystemProperty::ConnectionModuleId => "$.cmid",
-        SystemProperty::CreationTime => "$.ctime",
-        SystemProperty::MessageSchema => "$.schema",
-        SystemProperty::OutputName => "$.on",
-        _ => return None,
-    })
-}
-
-/// `devices/{d}/modules/{m}/inputs/{i}/{property bag}` as IoT Edge sends it.
-pub fn input_topic(base: &str, msg: &Message) -> String {
-    let mut t = String::with_capacity(base.len() + 64);
-    t.push_str(base);
-    let mut first = true;
-    let mut pair = |t: &mut String, k: &str, v: &str| {
-        if !first {
-            t.push('&');
-        }
-        first = false;
-        t.extend(utf8_percent_encode(k, BAG));
-        t.push('=');
-        t.extend(utf8_percent_encode(v, BAG));
-    };
-    for (k, v) in &msg.properties {
-        pair(&mut t, k, v);
-    }
-    for p in SystemProperty::ALL {
-        if let (Some(key), Some(v)) = (system_key(p), msg.system(p)) {
-            pair(&mut t, key, v);
-        }
-    }
-    t
-}
-
 /// Store endpoint name of a device's cloud-to-device queue.
 pub fn c2d_endpoint_name(device: &str) -> String {
     format!("c2d:{device}")
@@ -106,7 +55,7 @@ pub fn c2d_endpoint_name(device: &str) -> String {
 /// delivered until the module has them, however often that takes (as IoT
 /// Edge does).
 pub async fn run_module_endpoint(
-    broker: Arc<Broker>,
+    links: Arc<Links>,
     store: Store,
     handle: Arc<EndpointHandle>,
     device: String,
@@ -114,14 +63,13 @@ pub async fn run_module_endpoint(
     input: String,
     shutdown: watch::Receiver<bool>,
 ) {
-    let base = format!("devices/{device}/modules/{module}/inputs/{input}/");
-    let target = SessionTarget {
-        client: format!("{device}/{module}"),
-        base,
+    let target = LinkTarget {
+        identity: format!("{device}/{module}"),
+        input: Some(input.into()),
         max_delivery_count: None,
         observed: None,
     };
-    run_session_endpoint(broker, store, handle, target, shutdown).await
+    run_link_endpoint(links, store, handle, target, shutdown).await
 }
 
 /// What one device's cloud-to-device queue has been through, for the
@@ -165,47 +113,46 @@ impl C2dOutcomes {
     }
 }
 
-/// Runs the executor of one device's cloud-to-device queue until shutdown:
-/// delivered on `devices/{d}/messages/devicebound/{property bag}`, settled
-/// as IoT Hub settles them (see `edgehub_device::c2d`).
+/// Runs the executor of one device's cloud-to-device queue until shutdown,
+/// settled as IoT Hub settles them (see `edgehub_device::c2d`).
 async fn run_c2d_endpoint(
-    broker: Arc<Broker>,
+    links: Arc<Links>,
     store: Store,
     handle: Arc<EndpointHandle>,
     device: String,
     settings: C2dSettings,
     shutdown: watch::Receiver<bool>,
 ) {
-    let target = SessionTarget {
-        base: format!("devices/{device}/messages/devicebound/"),
-        client: device,
+    let target = LinkTarget {
+        identity: device,
+        input: None,
         max_delivery_count: Some(settings.max_delivery_count),
         observed: Some((settings.observed, settings.outcomes)),
     };
-    run_session_endpoint(broker, store, handle, target, shutdown).await
+    run_link_endpoint(links, store, handle, target, shutdown).await
 }
 
-/// Where and how a store queue is delivered over MQTT.
-struct SessionTarget {
-    /// The MQTT session (client id) it goes to.
-    client: String,
-    /// Topic prefix; each message's property bag follows.
-    base: String,
+/// Which identity a store queue is delivered to, and how.
+struct LinkTarget {
+    /// `device` (cloud-to-device) or `device/module` (module input).
+    identity: String,
+    /// The module input; `None`: cloud-to-device.
+    input: Option<Arc<str>>,
     max_delivery_count: Option<u32>,
     observed: Option<(Arc<C2dObserved>, Arc<C2dOutcomes>)>,
 }
 
-/// Delivers a store queue to one MQTT session. Every delivery is locked in
-/// the device layer's [`Deliveries`] until the session acknowledges it
-/// (complete: it leaves the store), loses it (its session ended: abandoned,
-/// offered to the next connection with its count one higher) or holds it
+/// Delivers a store queue to one identity's link. Every delivery is locked
+/// in the device layer's [`Deliveries`] until the head completes it (it
+/// leaves the store), rejects it (it leaves the store, counted), abandons
+/// or loses it (offered again with its count one higher) or holds it
 /// longer than [`REDELIVER_AFTER`] (offered again, not counted as a failed
 /// delivery).
-async fn run_session_endpoint(
-    broker: Arc<Broker>,
+async fn run_link_endpoint(
+    links: Arc<Links>,
     store: Store,
     handle: Arc<EndpointHandle>,
-    target: SessionTarget,
+    target: LinkTarget,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use edgehub_device::c2d::Action;
@@ -218,12 +165,12 @@ async fn run_session_endpoint(
             return;
         }
     };
-    let client = &target.client;
+    let client = &target.identity;
     let waker = Arc::new(Notify::new());
     let mut deliveries: Deliveries<Entry> = Deliveries::new(target.max_delivery_count);
     // Read order: the device layer puts abandoned messages back by it.
     let mut order = 0u64;
-    let mut sent: HashMap<LockToken, Arc<Delivered>> = HashMap::new();
+    let mut sent: HashMap<LockToken, Arc<Receipt>> = HashMap::new();
     let mut absent_logged = false;
     let count = |seq: u64, n: Option<u32>| {
         if let Some((obs, _)) = &target.observed {
@@ -243,31 +190,48 @@ async fn run_session_endpoint(
         // Settle what the session reported: acknowledged deliveries leave
         // the store (any order; the store keeps the checkpoint right), lost
         // ones go again.
-        let mut done = Vec::new();
+        let (mut done, mut rejected) = (Vec::new(), Vec::new());
         let mut lost = 0usize;
-        sent.retain(|lock, d| {
-            if d.is_set() {
+        sent.retain(|lock, r| match r.state() {
+            Settled::Pending => true,
+            Settled::Completed => {
                 if let Ok(e) = deliveries.complete(*lock) {
                     done.push(e);
                 }
                 false
-            } else if d.is_released() {
+            }
+            Settled::Rejected => {
+                if let Ok(e) = deliveries.reject(*lock) {
+                    rejected.push(e);
+                }
+                false
+            }
+            Settled::Abandoned | Settled::Lost => {
                 lost += 1;
                 let _ = deliveries.abandon(*lock);
                 false
-            } else {
-                true
             }
+            // Discarded by the head: the lock stays until it runs out.
+            Settled::Cancelled => true,
         });
         if lost > 0 {
-            debug!(endpoint = %name, count = lost, "deliveries lost with their session; offering them again");
+            debug!(endpoint = %name, count = lost, "deliveries abandoned or lost with their link; offering them again");
         }
-        if !done.is_empty() {
-            for e in &done {
-                count(e.seq, None);
-                outcome(|o| &o.completed);
+        for (settled, pick) in [
+            (
+                &done,
+                (|o| &o.completed) as fn(&C2dOutcomes) -> &std::sync::atomic::AtomicU64,
+            ),
+            (&rejected, |o| &o.rejected),
+        ] {
+            if settled.is_empty() {
+                continue;
             }
-            if let Err(e) = reader.ack(&done) {
+            for e in settled {
+                count(e.seq, None);
+                outcome(pick);
+            }
+            if let Err(e) = reader.ack(settled) {
                 warn!(endpoint = %name, error = %e, "acknowledging delivered messages failed; they will be delivered again");
             }
         }
@@ -278,10 +242,10 @@ async fn run_session_endpoint(
             debug!(endpoint = %name, count = timed_out, "redelivering unacknowledged messages");
             // Their locks ran out: a late acknowledgement of the old
             // delivery is ignored, the new one counts.
-            sent.retain(|lock, d| {
+            sent.retain(|lock, r| {
                 let held = deliveries.is_locked(*lock);
                 if !held {
-                    d.cancel();
+                    r.cancel();
                 }
                 held
             });
@@ -313,21 +277,26 @@ async fn run_session_endpoint(
                     message,
                 } => (lock, delivery_count, message),
             };
-            let delivered = Arc::new(Delivered::new(waker.clone()));
-            let msg = Arc::new(BrokerMessage {
-                topic: Str::from(input_topic(&target.base, &e.message)),
-                payload: e.message.body.clone(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: Props::default(),
-                expires_at: None,
-                origin: None,
-                delivered: Some(delivered.clone()),
-            });
-            if broker.publish(msg.clone()) == 0 {
-                // Not subscribed (or its queue is full): keep order, retry;
+            let w = waker.clone();
+            let receipt = Arc::new(Receipt::new(move || w.notify_one()));
+            let message = e.message.clone();
+            let delivery = match &target.input {
+                Some(input) => Delivery::ModuleInput {
+                    input: input.clone(),
+                    message,
+                    receipt: receipt.clone(),
+                },
+                None => Delivery::CloudToDevice {
+                    message,
+                    lock,
+                    delivery_count: n,
+                    receipt: receipt.clone(),
+                },
+            };
+            if !matches!(links.deliver(client, delivery), Offer::Sent | Offer::Held) {
+                // Not listening (or its queue is full): keep order, retry;
                 // the attempt does not count.
-                delivered.cancel();
+                receipt.cancel();
                 let _ = deliveries.retract(lock);
                 if !absent_logged {
                     info!(endpoint = %name, client = %client, "destination not subscribed; messages stay stored");
@@ -338,7 +307,7 @@ async fn run_session_endpoint(
             }
             absent_logged = false;
             count(e.seq, Some(n));
-            sent.insert(lock, delivered);
+            sent.insert(lock, receipt);
         }
         let room = MODULE_WINDOW.saturating_sub(deliveries.len());
         let tick = if blocked {
@@ -398,7 +367,7 @@ pub enum C2dError {
 /// Starts each device's cloud-to-device executor once, on the first message
 /// for it (or at startup when its queue already holds some).
 pub struct C2dExecutors {
-    broker: Arc<Broker>,
+    links: Arc<Links>,
     store: Store,
     shutdown: watch::Receiver<bool>,
     started: parking_lot::Mutex<std::collections::HashSet<String>>,
@@ -407,13 +376,13 @@ pub struct C2dExecutors {
 
 impl C2dExecutors {
     pub fn new(
-        broker: Arc<Broker>,
+        links: Arc<Links>,
         store: Store,
         shutdown: watch::Receiver<bool>,
         max_delivery_count: u32,
     ) -> C2dExecutors {
         C2dExecutors {
-            broker,
+            links,
             store,
             shutdown,
             started: Default::default(),
@@ -440,7 +409,7 @@ impl C2dExecutors {
         let handle = self.store.endpoint(&c2d_endpoint_name(device))?;
         if self.started.lock().insert(device.to_owned()) {
             tokio::spawn(run_c2d_endpoint(
-                self.broker.clone(),
+                self.links.clone(),
                 self.store.clone(),
                 handle.clone(),
                 device.to_owned(),

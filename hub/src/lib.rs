@@ -21,8 +21,6 @@
 //!
 //! The wire format lives in the `edgehub-codec` crate.
 
-pub mod auth;
-pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod endpoints;

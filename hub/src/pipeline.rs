@@ -311,8 +311,8 @@ pub fn enqueued_time_now() -> String {
 /// application property `iothub-MessageType=Will`, as IoT Hub does.
 pub struct WillsAsTelemetry(pub Arc<Pipeline>);
 
-impl crate::broker::WillSink for WillsAsTelemetry {
-    fn take(&self, w: &crate::broker::session::PendingWill) -> bool {
+impl edgehub_broker::WillSink for WillsAsTelemetry {
+    fn take(&self, w: &edgehub_broker::session::PendingWill) -> bool {
         if w.principal.anonymous {
             return false;
         }

@@ -15,15 +15,15 @@ use serde_json::{Map, Value};
 use tracing::warn;
 
 use crate::endpoints::{C2dExecutors, C2D_DEFAULT_TTL_SECS};
-use crate::iothub::services::Services;
 use crate::upstream::{BoxFut, CloudToEdge};
+use edgehub_device::DeviceLayer;
 
 /// How long a relayed method call waits for the device. The caller upstream
 /// has its own timeout (at most 300 s); a late answer is of no use to it.
 const RELAYED_METHOD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Relay {
-    pub services: Arc<Services>,
+    pub devices: Arc<DeviceLayer>,
     pub c2d: Arc<C2dExecutors>,
 }
 
@@ -32,12 +32,12 @@ impl Relay {
         &self,
         identity: &str,
         what: &'static str,
-        job: impl FnOnce(&Services, &str) -> Result<Option<Value>, crate::iothub::twin::TwinError>
+        job: impl FnOnce(&DeviceLayer, &str) -> Result<Option<Value>, edgehub_device::twin::TwinError>
             + Send
             + 'static,
     ) {
-        let (s, id) = (self.services.clone(), identity.to_owned());
-        self.services.run_twin_job(move || match job(&s, &id) {
+        let (s, id) = (self.devices.clone(), identity.to_owned());
+        self.devices.run_twin_job(move || match job(&s, &id) {
             Ok(Some(push)) => s.push_desired(&id, &push),
             Ok(None) => {}
             Err(e) => warn!(identity = %id, error = %e, "{what} from upstream not applied"),
@@ -69,7 +69,7 @@ impl CloudToEdge for Relay {
     }
 
     fn method(&self, identity: &str, name: &str, payload: Bytes) -> BoxFut<(i32, Bytes)> {
-        let (s, id, name) = (self.services.clone(), identity.to_owned(), name.to_owned());
+        let (s, id, name) = (self.devices.clone(), identity.to_owned(), name.to_owned());
         Box::pin(async move {
             match s
                 .methods
@@ -80,7 +80,7 @@ impl CloudToEdge for Relay {
                 Err(e) => (
                     e.status() as i32,
                     Bytes::from(
-                        crate::iothub::error::error_body(e.code(), &e.to_string()).to_string(),
+                        edgehub_device::error::error_body(e.code(), &e.to_string()).to_string(),
                     ),
                 ),
             }
@@ -90,10 +90,10 @@ impl CloudToEdge for Relay {
     fn reported_to_sync(
         &self,
         identity: &str,
-    ) -> BoxFut<Option<crate::iothub::twin::ReportedSync>> {
-        let (s, id) = (self.services.clone(), identity.to_owned());
+    ) -> BoxFut<Option<edgehub_device::twin::ReportedSync>> {
+        let (s, id) = (self.devices.clone(), identity.to_owned());
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.services.run_twin_job(move || {
+        self.devices.run_twin_job(move || {
             let r = s.twins.reported_to_sync(&id).unwrap_or_else(|e| {
                 warn!(identity = %id, error = %e, "reading reported properties to sync");
                 None
@@ -104,8 +104,8 @@ impl CloudToEdge for Relay {
     }
 
     fn reported_synced(&self, identity: &str, snapshot: Map<String, Value>) {
-        let (s, id) = (self.services.clone(), identity.to_owned());
-        self.services.run_twin_job(move || {
+        let (s, id) = (self.devices.clone(), identity.to_owned());
+        self.devices.run_twin_job(move || {
             if let Err(e) = s.twins.reported_synced(&id, snapshot) {
                 warn!(identity = %id, error = %e, "recording the reported-properties sync");
             }

@@ -11,10 +11,10 @@ use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, Limits};
 use crate::config::{Config, DurabilityArg};
 use crate::pipeline::Pipeline;
 use crate::tls;
+use edgehub_broker::Broker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -31,7 +31,7 @@ pub enum ServerError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
-    Identities(#[from] crate::iothub::IdentityError),
+    Identities(#[from] edgehub_device::IdentityError),
     #[error("cannot open the message store in {path}: {source}")]
     Store {
         path: std::path::PathBuf,
@@ -50,17 +50,17 @@ pub enum ServerError {
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamConfigError),
     #[error(transparent)]
-    TrustBundle(#[from] crate::iothub::x509::TrustBundleError),
+    TrustBundle(#[from] edgehub_device::x509::TrustBundleError),
 }
 
 pub struct Server {
     broker: Arc<Broker>,
-    identities: Arc<crate::iothub::identity::Identities>,
+    identities: Arc<edgehub_device::identity::Identities>,
     gateway_hostname: String,
     /// `--device-id`: this edge device (its `$edgeAgent` gets deployments).
     edge_device: Option<String>,
     pipeline: Arc<Pipeline>,
-    services: Arc<crate::iothub::services::Services>,
+    iothub: Arc<crate::iothub::IotHub>,
     upstream: Option<Arc<crate::upstream::UpstreamConfig>>,
     upstream_status: Arc<crate::upstream::UpstreamStatus>,
     management: Option<TcpListener>,
@@ -85,7 +85,7 @@ struct UpstreamLink {
 /// retained update survives a crash of edgehub, not a power cut).
 struct StoreRetained(edgehub_store::Store);
 
-impl crate::broker::RetainedStore for StoreRetained {
+impl edgehub_broker::RetainedStore for StoreRetained {
     fn save(&self, topic: &str, record: &[u8]) {
         if let Err(e) =
             self.0
@@ -109,7 +109,7 @@ impl crate::broker::RetainedStore for StoreRetained {
 /// like retained messages).
 struct StoreTable(edgehub_store::Store, edgehub_store::Table);
 
-impl crate::broker::SessionStore for StoreTable {
+impl edgehub_broker::SessionStore for StoreTable {
     fn save(&self, client_id: &str, record: &[u8]) {
         if let Err(e) = self.0.put_buffered(self.1, client_id.as_bytes(), record) {
             warn!(client = client_id, error = %e, "session not persisted");
@@ -160,12 +160,12 @@ impl StoreSessionQueues {
     }
 }
 
-impl crate::broker::SessionQueueStore for StoreSessionQueues {
+impl edgehub_broker::SessionQueueStore for StoreSessionQueues {
     fn append(
         &self,
-        msg: &crate::broker::session::Message,
+        msg: &edgehub_broker::session::Message,
         sessions: &[Arc<str>],
-    ) -> crate::broker::BoxFuture<Result<u64, edgehub_store::StoreError>> {
+    ) -> edgehub_broker::BoxFuture<Result<u64, edgehub_broker::QueueStoreError>> {
         let expires_at_ms = msg.expires_at.map_or(0, |t| {
             let left = t.saturating_duration_since(std::time::Instant::now());
             self.store.now_ms() + (left.as_millis() as u64).max(1)
@@ -177,13 +177,18 @@ impl crate::broker::SessionQueueStore for StoreSessionQueues {
                     .map(|h| edgehub_store::Target::new(&h, 0, expires_at_ms))
             })
             .collect();
-        let record = crate::broker::message_record(msg, msg.retain);
+        let record = edgehub_broker::message_record(msg, msg.retain);
         let store = self.store.clone();
         Box::pin(async move {
             let message = edgehub_router::Message::new(bytes::Bytes::from(record));
+            let boxed = |e: edgehub_store::StoreError| edgehub_broker::QueueStoreError(Box::new(e));
             store
-                .append(edgehub_store::Append::new(Arc::new(message), targets?))
+                .append(edgehub_store::Append::new(
+                    Arc::new(message),
+                    targets.map_err(boxed)?,
+                ))
                 .await
+                .map_err(boxed)
         })
     }
 
@@ -196,11 +201,11 @@ impl crate::broker::SessionQueueStore for StoreSessionQueues {
         }
     }
 
-    fn load(&self, session: &str) -> Vec<(u64, crate::broker::session::Message)> {
+    fn load(&self, session: &str) -> Vec<(u64, edgehub_broker::session::Message)> {
         self.records(session)
             .into_iter()
             .filter_map(|e| {
-                crate::broker::parse_message_record(&e.message.body).map(|m| (e.seq, m))
+                edgehub_broker::parse_message_record(&e.message.body).map(|m| (e.seq, m))
             })
             .collect()
     }
@@ -336,17 +341,17 @@ impl Server {
         info!(routes = routes.routes().len(), "routes loaded");
         let retained_store = Arc::new(StoreRetained(store.clone()));
         let seed = match &config.identities {
-            Some(path) => Some(crate::iothub::Registry::load(path)?),
+            Some(path) => Some(edgehub_device::Registry::load(path)?),
             None => None,
         };
         let identities = Arc::new(
-            crate::iothub::identity::Identities::open(store.clone(), seed)
+            edgehub_device::identity::Identities::open(store.clone(), seed)
                 .map_err(|e| ServerError::Registry(e.to_string()))?,
         );
         let pipeline = Arc::new(Pipeline::new(store, routes));
         let edge = config.edge_device().map_err(ServerError::Config)?;
         if let Some(e) = &edge {
-            crate::iothub::identity::ensure_edge_device(&identities, &e.id, e.key.as_deref())
+            edgehub_device::identity::ensure_edge_device(&identities, &e.id, e.key.as_deref())
                 .map_err(|e| ServerError::Registry(e.to_string()))?;
         }
         let edge_id = edge.as_ref().map(|e| e.id.clone());
@@ -364,10 +369,10 @@ impl Server {
         )
         .with_own_device(edge_id.clone());
         if let Some(path) = &config.trust_bundle {
-            auth = auth.with_trust_bundle(crate::iothub::x509::TrustBundle::load(path)?);
+            auth = auth.with_trust_bundle(edgehub_device::x509::TrustBundle::load(path)?);
         }
         let auth = Arc::new(auth);
-        let broker = Broker::new(Limits::from_config(config), auth.clone(), auth);
+        let broker = Broker::new(config.broker_limits(), auth.clone(), auth);
         let retained: Vec<(String, Vec<u8>)> = retained
             .into_iter()
             .filter_map(|(k, v)| String::from_utf8(k).ok().map(|k| (k, v)))
@@ -419,8 +424,14 @@ impl Server {
         broker.set_will_sink(Arc::new(crate::pipeline::WillsAsTelemetry(
             pipeline.clone(),
         )));
-        let twins = Arc::new(crate::iothub::twin::Twins::new(pipeline.store().clone()));
-        let services = crate::iothub::services::Services::new(broker.clone(), twins);
+        let twins = Arc::new(edgehub_device::twin::Twins::new(pipeline.store().clone()));
+        let devices = edgehub_device::DeviceLayer::new(twins);
+        let deliveries = crate::iothub::deliveries::MqttDeliveries::new(broker.clone());
+        devices.links.set_fallback(deliveries.clone());
+        let iothub = Arc::new(crate::iothub::IotHub {
+            layer: devices,
+            deliveries,
+        });
         let upstream = match &config.upstream {
             Some(url) => {
                 let auth = match config.upstream_auth {
@@ -456,7 +467,7 @@ impl Server {
         };
         Ok(Server {
             broker,
-            services,
+            iothub,
             upstream,
             upstream_status: Arc::default(),
             identities,
@@ -498,39 +509,34 @@ impl Server {
         let tracker = Arc::new(Tracker::default());
         let mut accept_tasks = Vec::new();
         let c2d = Arc::new(crate::endpoints::C2dExecutors::new(
-            self.broker.clone(),
+            self.iothub.layer.links.clone(),
             self.pipeline.store().clone(),
             self.shutdown.subscribe(),
             self.c2d_max_delivery_count,
         ));
         c2d.resume();
-        // Presence: registered identities' connection state for their twins;
-        // with an upstream, also what keeps their cloud connections open.
-        let presence = Arc::new(crate::iothub::presence::Presence::default());
+        // Presence (the device layer keeps it for twins); with an upstream,
+        // also what keeps the identities' cloud connections open.
         let mut upstream_events = self
             .upstream
             .is_some()
             .then(tokio::sync::mpsc::unbounded_channel::<crate::upstream::UpstreamEvent>);
-        {
-            let (presence, identities) = (presence.clone(), self.identities.clone());
-            let tx = upstream_events.as_ref().map(|(tx, _)| tx.clone());
-            self.broker.set_presence_hook(Box::new(move |id, online| {
-                if identities.registry().knows_session(id) {
-                    presence.record(id, online);
-                }
-                if let Some(tx) = &tx {
+        if let Some((tx, _)) = &upstream_events {
+            let tx = tx.clone();
+            self.iothub
+                .layer
+                .links
+                .set_presence_hook(Box::new(move |id, online| {
                     let _ = tx.send(crate::upstream::UpstreamEvent::Presence(
                         id.to_owned(),
                         online,
                     ));
-                }
-            }));
+                }));
         }
         if let Some(l) = self.management.take() {
             let app = crate::management::router(Arc::new(crate::management::Management {
                 c2d: c2d.clone(),
-                presence: presence.clone(),
-                services: self.services.clone(),
+                devices: self.iothub.layer.clone(),
                 upstream: self
                     .upstream
                     .is_some()
@@ -554,11 +560,11 @@ impl Server {
             use crate::upstream::UpstreamEvent;
             let (tx, rx) = upstream_events.take().expect("one upstream link");
             let tx2 = tx.clone();
-            self.services.set_reported_hook(Box::new(move |id| {
+            self.iothub.layer.set_reported_hook(Box::new(move |id| {
                 let _ = tx2.send(UpstreamEvent::Reported(id.to_owned()));
             }));
             let relay: Arc<dyn crate::upstream::CloudToEdge> = Arc::new(crate::relay::Relay {
-                services: self.services.clone(),
+                devices: self.iothub.layer.clone(),
                 c2d: c2d.clone(),
             });
             UpstreamLink {
@@ -571,7 +577,7 @@ impl Server {
         let has_upstream = upstream.is_some();
         if let Some(rx) = self.pipeline.take_new_endpoints() {
             accept_tasks.push(tokio::spawn(supervise_endpoints(
-                self.broker.clone(),
+                self.iothub.layer.links.clone(),
                 self.pipeline.clone(),
                 self.identities.clone(),
                 upstream,
@@ -592,7 +598,7 @@ impl Server {
                 None,
                 self.broker.clone(),
                 self.pipeline.clone(),
-                self.services.clone(),
+                self.iothub.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -603,7 +609,7 @@ impl Server {
                 Some(a),
                 self.broker.clone(),
                 self.pipeline.clone(),
-                self.services.clone(),
+                self.iothub.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -638,9 +644,9 @@ impl Server {
 /// Starts an executor for every module endpoint: those already in the store
 /// (a backlog from before a restart) and each new one as routes first use it.
 async fn supervise_endpoints(
-    broker: Arc<Broker>,
+    links: Arc<edgehub_device::link::Links>,
     pipeline: Arc<Pipeline>,
-    identities: Arc<crate::iothub::identity::Identities>,
+    identities: Arc<edgehub_device::identity::Identities>,
     upstream: Option<UpstreamLink>,
     mut new: tokio::sync::mpsc::UnboundedReceiver<crate::pipeline::NewEndpoint>,
     shutdown: watch::Receiver<bool>,
@@ -674,7 +680,7 @@ async fn supervise_endpoints(
         match identities.registry().module_owner(&module) {
             Some((device, module)) => {
                 tokio::spawn(crate::endpoints::run_module_endpoint(
-                    broker.clone(),
+                    links.clone(),
                     pipeline.store().clone(),
                     handle,
                     device,
@@ -689,8 +695,8 @@ async fn supervise_endpoints(
                     "no registered identity has module {module:?}: its messages stay stored until it exists or they expire"
                 );
                 // Identities can be added at run time: look again.
-                let (broker, store, identities, mut shutdown) = (
-                    broker.clone(),
+                let (links, store, identities, mut shutdown) = (
+                    links.clone(),
                     pipeline.store().clone(),
                     identities.clone(),
                     shutdown.clone(),
@@ -706,7 +712,7 @@ async fn supervise_endpoints(
                         }
                     };
                     crate::endpoints::run_module_endpoint(
-                        broker,
+                        links,
                         store,
                         handle,
                         owner.0,
@@ -738,7 +744,7 @@ async fn accept_loop(
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
-    services: Arc<crate::iothub::services::Services>,
+    iothub: Arc<crate::iothub::IotHub>,
     shutdown: watch::Receiver<bool>,
     tracker: Arc<Tracker>,
 ) {
@@ -756,12 +762,12 @@ async fn accept_loop(
         let guard = Guard(tracker.clone());
         let broker = broker.clone();
         let pipeline = pipeline.clone();
-        let services = services.clone();
+        let iothub = iothub.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            serve_tcp(tcp, peer, tls, broker, pipeline, services, shutdown).await;
+            serve_tcp(tcp, peer, tls, broker, pipeline, iothub, shutdown).await;
         });
     }
 }
@@ -772,15 +778,13 @@ async fn serve_tcp(
     tls: Option<TlsAcceptor>,
     broker: Arc<Broker>,
     pipeline: Arc<Pipeline>,
-    services: Arc<crate::iothub::services::Services>,
+    iothub: Arc<crate::iothub::IotHub>,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let (pipeline, services) = (Some(pipeline), Some(services));
+    let (pipeline, iothub) = (Some(pipeline), Some(iothub));
     match tls {
-        None => {
-            crate::connection::serve(broker, pipeline, services, tcp, peer, None, shutdown).await
-        }
+        None => crate::connection::serve(broker, pipeline, iothub, tcp, peer, None, shutdown).await,
         Some(acceptor) => {
             let timeout = broker.limits.connect_timeout;
             let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
@@ -799,8 +803,7 @@ async fn serve_tcp(
                 .1
                 .peer_certificates()
                 .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            crate::connection::serve(broker, pipeline, services, stream, peer, certs, shutdown)
-                .await
+            crate::connection::serve(broker, pipeline, iothub, stream, peer, certs, shutdown).await
         }
     }
 }

@@ -36,7 +36,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::iothub::identity::Identities;
+use edgehub_device::identity::Identities;
 
 pub type BoxFut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
@@ -478,7 +478,7 @@ fn upstream_topic(identity: &str, m: &Message) -> String {
         Some((d, module)) => format!("devices/{d}/modules/{module}/messages/events/"),
         None => format!("devices/{identity}/messages/events/"),
     };
-    crate::endpoints::input_topic(&base, m)
+    crate::iothub::deliveries::bag_topic(base, m)
 }
 
 /// One identity's connection to the parent.
@@ -550,7 +550,7 @@ impl Link {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let token = crate::iothub::sas::sign(&resource, &key, now + TOKEN_TTL_SECS)
+        let token = edgehub_device::sas::sign(&resource, &key, now + TOKEN_TTL_SECS)
             .map_err(|e| OpenError::Local(e.to_string()))?;
         let io = dial(&cfg.host, cfg.port, Some(&cfg.tls), CONNECT_TIMEOUT)
             .await
@@ -904,7 +904,7 @@ impl<'a> Downlink<'a> {
             }
         } else if let Some(rest) = topic.strip_prefix("$iothub/methods/POST/") {
             let (name, query) = rest.split_once("/?").unwrap_or((rest, ""));
-            let rid = crate::iothub::services::query_value(query, "$rid")
+            let rid = edgehub_device::query_value(query, "$rid")
                 .unwrap_or_default()
                 .to_owned();
             let (relay, answers, who, name) = (
@@ -928,7 +928,7 @@ impl<'a> Downlink<'a> {
             }
         } else if let Some(rest) = topic.strip_prefix("$iothub/twin/res/") {
             let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
-            let rid = crate::iothub::services::query_value(query, "$rid").unwrap_or_default();
+            let rid = edgehub_device::query_value(query, "$rid").unwrap_or_default();
             let ok = status.starts_with('2');
             if self.twin_get.as_deref() == Some(rid) {
                 self.twin_get = None;

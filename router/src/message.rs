@@ -194,6 +194,10 @@ impl Message {
         self.system[p as usize] = Some(value.into());
     }
 
+    pub fn clear_system(&mut self, p: SystemProperty) {
+        self.system[p as usize] = None;
+    }
+
     pub fn system(&self, p: SystemProperty) -> Option<&Arc<str>> {
         self.system[p as usize].as_ref()
     }

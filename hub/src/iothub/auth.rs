@@ -1,26 +1,29 @@
 //! MQTT CONNECT authentication and topic authorization for IoT Hub identities.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::auth::{AuthError, Authenticator, Authorizer, ConnectInfo, Principal};
+use edgehub_broker::auth::{AuthError, Authenticator, Authorizer, ConnectInfo, Principal};
 
-use super::identity::{Identities, Registry, X509Spec};
-use super::sas::SasToken;
-use super::x509::TrustBundle;
+use edgehub_device::auth::{split_identity, Authenticated, Authentication};
+use edgehub_device::identity::Identities;
+use edgehub_device::x509::TrustBundle;
 
-/// Authenticates devices and modules by SAS token and confines each to its
-/// own IoT Hub topics. With `allow_anonymous`, clients that present no
-/// credentials are still let in for generic topics (development only).
+/// Authenticates devices and modules from MQTT CONNECT (client id,
+/// username, password, TLS client certificate) through the device layer's
+/// verdicts, and confines each to its own IoT Hub topics. With
+/// `allow_anonymous`, clients that present no credentials are still let in
+/// for generic topics (development only).
 pub struct IotHubAuth {
-    identities: Arc<Identities>,
-    /// CAs for CA-signed X.509 devices.
-    trust_bundle: Arc<TrustBundle>,
-    /// Our host name; the IoT Hub's comes from the registry.
-    gateway_hostname: String,
+    verdicts: Authentication,
     allow_anonymous: bool,
-    /// `--device-id`: the edge device this hub is; auth chains end here.
-    own_device: Option<String>,
+}
+
+fn principal(a: Authenticated) -> Principal {
+    Principal {
+        name: a.identity,
+        anonymous: false,
+        valid_until: Some(a.valid_until),
+    }
 }
 
 impl IotHubAuth {
@@ -30,205 +33,21 @@ impl IotHubAuth {
         allow_anonymous: bool,
     ) -> IotHubAuth {
         IotHubAuth {
-            identities,
-            trust_bundle: Arc::default(),
-            gateway_hostname: gateway_hostname.to_owned(),
+            verdicts: Authentication::new(identities, gateway_hostname),
             allow_anonymous,
-            own_device: None,
         }
     }
 
     /// This hub's own edge device id (where auth chains end).
     pub fn with_own_device(mut self, device: Option<String>) -> IotHubAuth {
-        self.own_device = device;
+        self.verdicts = self.verdicts.with_own_device(device);
         self
-    }
-
-    /// A child edge hub acting for `leaf` (IoT Edge's nested scheme): the
-    /// username carries `auth-chain=leaf;child[;…;parent]`, the token is the
-    /// child's own (signed with its key, for its own resource). Accepted
-    /// only when, in our registry, the leaf sits under the child (or is one
-    /// of the child's modules), every edge device in the chain is registered
-    /// under the next one, and the chain ends at this hub (our `--device-id`)
-    /// or at a top-level edge device of our registry. So the parent needs
-    /// no leaf keys, and a child can act only for its own descendants.
-    fn authenticate_chain(
-        &self,
-        registry: &Registry,
-        client: (&str, Option<&str>),
-        chain: &str,
-        password: Option<&[u8]>,
-    ) -> Result<Principal, AuthError> {
-        let refuse = |why: String| {
-            Err(AuthError::NotAuthorized(format!(
-                "auth-chain {chain:?}: {why}"
-            )))
-        };
-        let links: Vec<&str> = chain.split(';').collect();
-        if links.len() < 2 || links.iter().any(|l| l.is_empty()) {
-            return refuse("needs at least leaf;edge".into());
-        }
-        let Some((leaf_device, leaf_module)) = split_identity(links[0]) else {
-            return refuse("leaf is not deviceId or deviceId/moduleId".into());
-        };
-        if !same(leaf_device, client.0)
-            || leaf_module.map(str::to_lowercase) != client.1.map(str::to_lowercase)
-        {
-            return refuse(format!("leaf {:?} is not the client", links[0]));
-        }
-        let Some(leaf) = registry.device(leaf_device) else {
-            return refuse(format!("unknown device {leaf_device:?}"));
-        };
-        let name = match leaf_module {
-            None => leaf.id.clone(),
-            Some(m) => match leaf.modules.get(&m.to_lowercase()) {
-                Some((mid, _)) => format!("{}/{mid}", leaf.id),
-                None => return refuse(format!("unknown module {leaf_device}/{m}")),
-            },
-        };
-        let actor_id = links[1];
-        let Some(actor) = registry.device(actor_id) else {
-            return refuse(format!("unknown edge device {actor_id:?}"));
-        };
-        if !actor.edge {
-            return refuse(format!("{:?} is not an edge device", actor.id));
-        }
-        let under_actor =
-            same(&leaf.id, &actor.id) || leaf.parent.as_deref().is_some_and(|p| same(p, &actor.id));
-        if !under_actor {
-            return refuse(format!(
-                "{:?} is not registered under {:?}",
-                leaf.id, actor.id
-            ));
-        }
-        for pair in links[1..].windows(2) {
-            let (child, parent) = (pair[0], pair[1]);
-            let c = registry.device(child).filter(|d| d.edge);
-            if !c.is_some_and(|c| c.parent.as_deref().is_some_and(|p| same(p, parent))) {
-                return refuse(format!(
-                    "{child:?} is not an edge device registered under {parent:?}"
-                ));
-            }
-        }
-        let last = links[links.len() - 1];
-        // The chain may name this hub last, or stop at its child (whose
-        // parent is then this hub), or at a top-level edge device when this
-        // hub has no device id of its own (it is the root, as IoT Hub is).
-        let ends_here = self.own_device.as_deref().is_some_and(|own| {
-            same(last, own)
-                || registry
-                    .device(last)
-                    .and_then(|d| d.parent.as_deref())
-                    .is_some_and(|p| same(p, own))
-        }) || (self.own_device.is_none()
-            && registry
-                .device(last)
-                .is_some_and(|d| d.edge && d.parent.is_none()));
-        if !ends_here {
-            return refuse(format!("chain ends at {last:?}, not at this hub"));
-        }
-        let Some(password) = password else {
-            return refuse("no SAS token of the acting edge device".into());
-        };
-        let token = parse_token(password)?;
-        let sr: Vec<&str> = token.resource.split('/').collect();
-        let sr_ok = matches!(sr.as_slice(), [h, "devices", d]
-            if self.known_host(registry, h) && same(d, &actor.id));
-        if !sr_ok {
-            return Err(AuthError::NotAuthorized(format!(
-                "auth-chain token resource {:?} is not edge device {:?} on this gateway or its IoT Hub",
-                token.resource, actor.id
-            )));
-        }
-        token
-            .check_expiry(now())
-            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
-        token
-            .verify(&actor.keys.all())
-            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
-        Ok(Principal {
-            name: name.into(),
-            anonymous: false,
-            valid_until: Some(token.expiry + super::sas::EXPIRY_SKEW_SECS),
-        })
     }
 
     /// CAs that may vouch for CA-signed X.509 devices.
     pub fn with_trust_bundle(mut self, bundle: TrustBundle) -> IotHubAuth {
-        self.trust_bundle = Arc::new(bundle);
+        self.verdicts = self.verdicts.with_trust_bundle(bundle);
         self
-    }
-
-    /// A device presenting a TLS client certificate and no token.
-    fn authenticate_x509(
-        &self,
-        dev: &super::identity::Device,
-        chain: &[rustls_pki_types::CertificateDer<'static>],
-    ) -> Result<Principal, AuthError> {
-        let refuse = |why: String| {
-            Err(AuthError::NotAuthorized(format!(
-                "device {}: {why}",
-                dev.id
-            )))
-        };
-        let Some(x509) = &dev.x509 else {
-            return refuse("authenticates with a SAS token, not a client certificate".into());
-        };
-        let info = match super::x509::inspect(&chain[0]) {
-            Ok(i) => i,
-            Err(e) => return refuse(e),
-        };
-        let now = now() as i64;
-        if let Err(e) = info.check_validity(now) {
-            return refuse(e);
-        }
-        match x509 {
-            X509Spec::SelfSigned {
-                primary_thumbprint,
-                secondary_thumbprint,
-            } => {
-                let known = std::iter::once(primary_thumbprint).chain(secondary_thumbprint);
-                if !known.into_iter().any(|t| info.has_thumbprint(t)) {
-                    return refuse(format!(
-                        "certificate thumbprint (SHA-1 {}, SHA-256 {}) is neither of the registered ones",
-                        info.sha1, info.sha256
-                    ));
-                }
-            }
-            X509Spec::CertificateAuthority => {
-                if !info
-                    .common_name
-                    .as_deref()
-                    .is_some_and(|cn| same(cn, &dev.id))
-                {
-                    return refuse(format!(
-                        "certificate subject CN {:?} is not the device id",
-                        info.common_name.as_deref().unwrap_or("")
-                    ));
-                }
-                let t = rustls_pki_types::UnixTime::since_unix_epoch(
-                    std::time::Duration::from_secs(now.max(0) as u64),
-                );
-                if let Err(e) = self.trust_bundle.verify(chain, t) {
-                    return refuse(e);
-                }
-            }
-        }
-        Ok(Principal {
-            name: dev.id.as_str().into(),
-            anonymous: false,
-            // Closed when the certificate expires, like a token.
-            valid_until: Some(info.not_after.max(0) as u64),
-        })
-    }
-
-    /// A host a token or username may name: ours or the IoT Hub's.
-    fn known_host(&self, registry: &Registry, h: &str) -> bool {
-        h.eq_ignore_ascii_case(&self.gateway_hostname)
-            || registry
-                .iothub_hostname
-                .as_deref()
-                .is_some_and(|k| k.eq_ignore_ascii_case(h))
     }
 
     /// Anonymous clients (`--allow-anonymous`) may use any topic while no
@@ -238,7 +57,7 @@ impl IotHubAuth {
         if !self.allow_anonymous {
             return false;
         }
-        if self.identities.registry().is_empty() {
+        if self.verdicts.identities().registry().is_empty() {
             return true;
         }
         !topic_or_filter.starts_with("devices/")
@@ -248,37 +67,27 @@ impl IotHubAuth {
 }
 
 /// The SAS token in a CONNECT password.
-fn parse_token(password: &[u8]) -> Result<SasToken, AuthError> {
-    let t = std::str::from_utf8(password)
-        .map_err(|_| AuthError::NotAuthorized("password is not UTF-8".into()))?;
-    SasToken::parse(t).map_err(|e| AuthError::NotAuthorized(e.to_string()))
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+fn token(password: Option<&[u8]>) -> Result<Option<&str>, AuthError> {
+    password
+        .map(|p| {
+            std::str::from_utf8(p)
+                .map_err(|_| AuthError::NotAuthorized("password is not UTF-8".into()))
+        })
+        .transpose()
 }
 
 fn same(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
 }
 
-/// `device` or `device/module`.
-fn split_identity(s: &str) -> Option<(&str, Option<&str>)> {
-    let mut it = s.split('/');
-    let d = it.next().filter(|d| !d.is_empty())?;
-    let m = it.next();
-    if it.next().is_some() || m.is_some_and(str::is_empty) {
-        return None;
-    }
-    Some((d, m))
+fn refused(e: edgehub_device::auth::Refused) -> AuthError {
+    AuthError::NotAuthorized(e.0)
 }
 
 impl Authenticator for IotHubAuth {
     fn authenticate(&self, info: &ConnectInfo<'_>) -> Result<Principal, AuthError> {
         let bad = |why: String| Err(AuthError::NotAuthorized(why));
-        let registry = self.identities.registry();
+        let registry = self.verdicts.identities().registry();
         if info.username.is_none() && info.password.is_none() {
             if self.allow_anonymous {
                 // An identity's client id (and so its session, with its
@@ -312,7 +121,7 @@ impl Authenticator for IotHubAuth {
         let mut parts = path.splitn(2, '/');
         let host = parts.next().unwrap_or_default();
         let user_identity = parts.next().unwrap_or_default();
-        if !self.known_host(&registry, host) {
+        if !self.verdicts.known_host(&registry, host) {
             return bad(format!(
                 "username names host {host:?}, which is neither this gateway nor its IoT Hub"
             ));
@@ -334,81 +143,34 @@ impl Authenticator for IotHubAuth {
             .split('&')
             .find_map(|kv| kv.strip_prefix("auth-chain="))
         {
-            return self.authenticate_chain(&registry, (device, module), chain, password);
+            return self
+                .verdicts
+                .chain((device, module), chain, token(password)?)
+                .map(principal)
+                .map_err(refused);
         }
-        let Some(dev) = registry.device(device) else {
-            return Err(AuthError::NotAuthorized(format!(
-                "unknown device {device:?}"
-            )));
-        };
+        if registry.device(device).is_none() {
+            return bad(format!("unknown device {device:?}"));
+        }
         if password.is_none() {
             if let Some(chain) = info.peer_certificates.filter(|c| !c.is_empty()) {
                 if module.is_some() {
-                    return Err(AuthError::NotAuthorized(format!(
+                    return bad(format!(
                         "module {}: modules authenticate with SAS tokens only, not client certificates",
                         info.client_id
-                    )));
+                    ));
                 }
-                return self.authenticate_x509(dev, chain);
+                return self
+                    .verdicts
+                    .x509(device, chain)
+                    .map(principal)
+                    .map_err(refused);
             }
         }
-        if module.is_none() && dev.x509.is_some() {
-            return Err(AuthError::NotAuthorized(format!(
-                "device {} authenticates with an X.509 client certificate, not a SAS token",
-                dev.id
-            )));
-        }
-        let (name, mut keys) = match module {
-            None => (dev.id.clone(), dev.keys.all()),
-            Some(m) => match dev.modules.get(&m.to_lowercase()) {
-                // A module may sign with its own keys or its device's.
-                Some((mid, k)) => (format!("{}/{mid}", dev.id), k.all()),
-                None => {
-                    return Err(AuthError::NotAuthorized(format!(
-                        "unknown module {device}/{m}"
-                    )))
-                }
-            },
-        };
-        if module.is_some() {
-            keys.extend(dev.keys.all());
-        }
-        let Some(password) = password else {
-            return Err(AuthError::NotAuthorized(
-                "no SAS token in the password and no client certificate".into(),
-            ));
-        };
-        let token = parse_token(password)?;
-        // sr: {host}/devices/{d}[/modules/{m}]
-        let sr: Vec<&str> = token.resource.split('/').collect();
-        let sr_ok = match sr.as_slice() {
-            [h, "devices", d] => {
-                self.known_host(&registry, h) && same(d, device) && module.is_none()
-            }
-            [h, "devices", d, "modules", m] => {
-                self.known_host(&registry, h)
-                    && same(d, device)
-                    && module.is_some_and(|mm| same(m, mm))
-            }
-            _ => false,
-        };
-        if !sr_ok {
-            return bad(format!(
-                "token resource {:?} is not this identity on this gateway or its IoT Hub",
-                token.resource
-            ));
-        }
-        token
-            .check_expiry(now())
-            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
-        token
-            .verify(&keys)
-            .map_err(|e| AuthError::NotAuthorized(e.to_string()))?;
-        Ok(Principal {
-            name: name.into(),
-            anonymous: false,
-            valid_until: Some(token.expiry + super::sas::EXPIRY_SKEW_SECS),
-        })
+        self.verdicts
+            .sas(device, module, token(password)?)
+            .map(principal)
+            .map_err(refused)
     }
 }
 
@@ -455,8 +217,16 @@ impl Authorizer for IotHubAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iothub::sas::sign;
+    use edgehub_device::sas::sign;
+    use edgehub_device::Registry;
     use std::io::Write;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
 
     const DEV_KEY: &str = "ZGV2aWNlLWtleS1wcmltYXJ5LTAxMjM0NTY3ODk=";
     const DEV_KEY2: &str = "ZGV2aWNlLWtleS1zZWNvbmRhcnktMDEyMzQ1Njc=";
@@ -607,7 +377,7 @@ mod tests {
         assert_eq!(&*p.name, "Dev1");
         assert_eq!(
             p.valid_until,
-            Some(expiry + crate::iothub::sas::EXPIRY_SKEW_SECS)
+            Some(expiry + edgehub_device::sas::EXPIRY_SKEW_SECS)
         );
         // Secondary key, IoT Hub host name in the token and username.
         let t = sign("hub.azure-devices.net/devices/Dev1", DEV_KEY2, later()).unwrap();

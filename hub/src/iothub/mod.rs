@@ -1,24 +1,26 @@
-//! The IoT Hub device protocol on the gateway, first slice: identities, SAS
-//! authentication of MQTT CONNECT, and per-identity topic authorization,
-//! plugged into the broker through the `auth` seam.
+//! The IoT Hub device protocol over MQTT: how a CONNECT becomes an
+//! identity (`auth`, the broker's authentication seam over the device
+//! layer's credential verdicts), which topics an identity may use, the
+//! telemetry topics and property bags (`telemetry`), the `$iothub/…`
+//! request topics (`services`) and the topics each device-layer delivery
+//! goes out on (`deliveries`).
 //!
-//! Owns: who a connection is (device or module), which IoT Hub topics it
-//! may use, and turning its telemetry topics into the shared `Message`
-//! (`telemetry`; the connection hands that to `pipeline`, which routes and
-//! stores it). Must not touch: the wire (connection/codec) or message storage.
-//! `twin` keeps twin documents, `methods` the direct-method calls in flight,
-//! and `services` answers the `$iothub/…` request topics of a connection.
+//! Owns: the mapping between MQTT topics and the device layer's
+//! operations and deliveries. Must not touch: IoT Hub semantics (twins,
+//! methods, settlement: `edgehub-device`) or message storage.
 
 pub mod auth;
-pub mod error;
-pub mod identity;
-pub mod methods;
-pub mod presence;
-pub mod sas;
+pub mod deliveries;
 pub mod services;
 pub mod telemetry;
-pub mod twin;
-pub mod x509;
 
 pub use auth::IotHubAuth;
-pub use identity::{IdentityError, Registry};
+
+use std::sync::Arc;
+
+/// What the MQTT head needs of the IoT Hub layer: the device layer's
+/// operations, and the MQTT side of every identity's link.
+pub struct IotHub {
+    pub layer: Arc<edgehub_device::DeviceLayer>,
+    pub deliveries: Arc<deliveries::MqttDeliveries>,
+}

@@ -1,4 +1,4 @@
-//! IoT Hub telemetry topics into the shared message model:
+//! IoT Hub telemetry topics over MQTT into the shared message model:
 //! `devices/{d}/messages/events/{property bag}` (device telemetry) and
 //! `devices/{d}/modules/{m}/messages/events/{property bag}` (module output,
 //! output name in `$.on`). The property bag is URL-encoded `k=v&k=v`; keys
@@ -7,7 +7,7 @@
 //! trusted.
 
 use bytes::Bytes;
-use edgehub_router::{Message, MessageSource, SystemProperty};
+use edgehub_router::{Message, SystemProperty};
 use percent_encoding::percent_decode_str;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,27 +133,17 @@ pub fn telemetry_message(
     }
     let mut msg = Message::new(payload);
     apply_property_bag(&mut msg, bag)?;
-    msg.set_system(SystemProperty::ConnectionDeviceId, id_device);
-    if let Some(m) = id_module {
-        msg.set_system(SystemProperty::ConnectionModuleId, m);
-    }
-    msg.set_system(SystemProperty::EnqueuedTime, enqueued_time);
-    let source = match id_module {
-        None => MessageSource::Telemetry,
-        Some(m) => MessageSource::ModuleOutput {
-            module: m.into(),
-            output: msg
-                .system(SystemProperty::OutputName)
-                .cloned()
-                .unwrap_or_else(|| "".into()),
-        },
-    };
-    Ok(msg.with_source(source))
+    Ok(edgehub_device::telemetry::accept(
+        msg,
+        identity,
+        enqueued_time,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edgehub_router::MessageSource;
     use edgehub_router::Route;
 
     const T: &str = "2026-11-26T20:00:00Z";

@@ -85,13 +85,13 @@ pub(super) async fn put_deployment(
     let agent = match (agent_desired, &m.edge_device) {
         (Some(desired), Some(device)) => {
             let identity = session_key(device, Some("$edgeAgent"));
-            let (services, key) = (m.services.clone(), identity.clone());
+            let (devices, key) = (m.devices.clone(), identity.clone());
             // On the twin worker, in order with the agent's own requests.
             let (tx, rx) = tokio::sync::oneshot::channel();
-            m.services.run_twin_job(move || {
-                let r = services.twins.replace_desired(&key, desired);
+            m.devices.run_twin_job(move || {
+                let r = devices.twins.replace_desired(&key, desired);
                 if let Ok((_, Some(push))) = &r {
-                    services.push_desired(&key, push);
+                    devices.push_desired(&key, push);
                 }
                 let _ = tx.send(r);
             });

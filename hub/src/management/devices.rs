@@ -57,7 +57,7 @@ pub(super) fn scope_of(edge_device: &str) -> String {
 /// The edge device a scope names: `ms-azure-iot-edge://{id}`, or IoT Hub's
 /// `…{id}-{generation id}`; it must be registered as an edge device.
 pub(super) fn device_of_scope(
-    registry: &crate::iothub::identity::Registry,
+    registry: &edgehub_device::identity::Registry,
     scope: &str,
 ) -> Result<String, String> {
     let rest = scope
@@ -84,7 +84,7 @@ pub(super) fn device_of_scope(
 /// (edge, parent) from an IoT Hub identity body.
 pub(super) fn parse_scopes(
     req: &IotHubIdentityJson,
-    registry: &crate::iothub::identity::Registry,
+    registry: &edgehub_device::identity::Registry,
 ) -> Result<(bool, Option<String>), String> {
     let edge = req.capabilities.as_ref().is_some_and(|c| c.iot_edge);
     let parent_scope = if edge {
@@ -336,7 +336,7 @@ pub(super) async fn iothub_put_device(
                 };
                 let mut spec = spec;
                 if edge {
-                    crate::iothub::identity::add_system_modules(&mut spec);
+                    edgehub_device::identity::add_system_modules(&mut spec);
                 }
                 Ok((Some(spec.clone()), spec))
             })
@@ -449,8 +449,8 @@ pub(super) async fn iothub_delete_module(
                 Ok((Some(spec), key))
             })?;
             m2.broker.revoke(&removed);
-            let _ = m2.services.twins.remove(&removed);
-            m2.presence.forget(&removed);
+            let _ = m2.devices.twins.remove(&removed);
+            m2.devices.links.presence.forget(&removed);
             Ok::<_, RegistryError>(())
         },
         |()| StatusCode::NO_CONTENT.into_response(),

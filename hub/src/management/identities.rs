@@ -175,8 +175,8 @@ pub(super) async fn delete_device(m: Arc<Management>, device: String) -> Respons
             );
             for identity in identities {
                 m2.broker.revoke(&identity);
-                let _ = m2.services.twins.remove(&identity);
-                m2.presence.forget(&identity);
+                let _ = m2.devices.twins.remove(&identity);
+                m2.devices.links.presence.forget(&identity);
             }
             // Its cloud-to-device messages have nobody to go to any more
             // (the queue is bounded, so one read takes them all).

@@ -20,7 +20,7 @@ pub(super) async fn invoke_method(
     UrlPath(path): UrlPath<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> Response {
-    use crate::iothub::methods::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
+    use edgehub_device::methods::{DEFAULT_TIMEOUT_SECS, MAX_TIMEOUT_SECS};
     let expected = r#"{"methodName": …, "payload": …}"#;
     let (device, module, req) = match identity_request::<MethodRequest>(&m, &path, &body, expected)
     {
@@ -40,7 +40,7 @@ pub(super) async fn invoke_method(
     }
     let key = session_key(&device, module.as_deref());
     let r = m
-        .services
+        .devices
         .methods
         .invoke(
             &key,

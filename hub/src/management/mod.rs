@@ -69,13 +69,13 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
-use crate::broker::Broker;
 use crate::endpoints::C2D_MAX_QUEUED;
-use crate::iothub::error::ErrorCode;
-use crate::iothub::identity::{
+use crate::pipeline::Pipeline;
+use edgehub_broker::Broker;
+use edgehub_device::error::ErrorCode;
+use edgehub_device::identity::{
     new_key, DeviceSpec, Identities, ModuleSpec, RegistryError, X509Spec,
 };
-use crate::pipeline::Pipeline;
 
 mod c2d;
 mod deployment;
@@ -99,8 +99,7 @@ use twins::*;
 
 pub struct Management {
     pub c2d: Arc<crate::endpoints::C2dExecutors>,
-    pub presence: Arc<crate::iothub::presence::Presence>,
-    pub services: Arc<crate::iothub::services::Services>,
+    pub devices: Arc<edgehub_device::DeviceLayer>,
     /// The upstream link's state, when there is an upstream.
     pub upstream: Option<Arc<crate::upstream::UpstreamStatus>>,
     pub pipeline: Arc<Pipeline>,
@@ -196,7 +195,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 fn error_coded(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
     let message = message.into();
-    let mut body = crate::iothub::error::error_body(code, &message);
+    let mut body = edgehub_device::error::error_body(code, &message);
     body["error"] = message.into();
     (status, Json(body)).into_response()
 }

@@ -10,11 +10,11 @@ pub(super) fn twin_json(
     m: &Management,
     device: &str,
     module: Option<&str>,
-    t: &crate::iothub::twin::Twin,
+    t: &edgehub_device::twin::Twin,
 ) -> Response {
-    use crate::iothub::identity::X509Spec;
-    use crate::iothub::presence::NEVER;
-    let (state, last_activity) = m.presence.state(&session_key(device, module));
+    use edgehub_device::identity::X509Spec;
+    use edgehub_device::presence::NEVER;
+    let (state, last_activity) = m.devices.links.presence.state(&session_key(device, module));
     let reg = m.identities.registry();
     let dev = reg.device(device);
     let (auth, thumbs) = match (module, dev.and_then(|d| d.x509.as_ref())) {
@@ -40,7 +40,7 @@ pub(super) fn twin_json(
         let mut s = s.clone();
         let version = s.get("$version").cloned().unwrap_or(1.into());
         let mut meta = serde_json::json!({
-            "$lastUpdated": updated.map_or_else(|| NEVER.to_owned(), crate::iothub::presence::rfc3339_ms),
+            "$lastUpdated": updated.map_or_else(|| NEVER.to_owned(), edgehub_device::presence::rfc3339_ms),
         });
         if desired {
             meta["$lastUpdatedVersion"] = version;
@@ -71,8 +71,8 @@ pub(super) fn twin_json(
     Json(v).into_response()
 }
 
-pub(super) fn twin_error(e: crate::iothub::twin::TwinError) -> Response {
-    use crate::iothub::twin::TwinError;
+pub(super) fn twin_error(e: edgehub_device::twin::TwinError) -> Response {
+    use edgehub_device::twin::TwinError;
     match e {
         TwinError::Invalid(_) => error(StatusCode::BAD_REQUEST, e.to_string()),
         TwinError::TooLarge { .. } => error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
@@ -89,7 +89,7 @@ pub(super) async fn get_twin(
         Err((status, why)) => return error(status, why),
     };
     let key = session_key(&device, module.as_deref());
-    let twins = m.services.twins.clone();
+    let twins = m.devices.twins.clone();
     blocking(
         move || twins.get(&key),
         move |t| twin_json(&m, &device, module.as_deref(), &t),
@@ -136,13 +136,13 @@ pub(super) async fn patch_twin(
         );
     }
     let key = session_key(&device, module.as_deref());
-    let (services, tags) = (m.services.clone(), req.tags);
+    let (devices, tags) = (m.devices.clone(), req.tags);
     // On the twin worker, in order with the devices' own twin requests.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    m.services.run_twin_job(move || {
-        let r = services.twins.patch_desired(&key, desired, tags);
+    m.devices.run_twin_job(move || {
+        let r = devices.twins.patch_desired(&key, desired, tags);
         if let Ok((_, Some(push))) = &r {
-            services.push_desired(&key, push);
+            devices.push_desired(&key, push);
         }
         let _ = tx.send(r);
     });

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 pub struct TestHub {
     pub addr: SocketAddr,
     pub tls_addr: SocketAddr,
-    pub broker: std::sync::Arc<edgehub::broker::Broker>,
+    pub broker: std::sync::Arc<edgehub_broker::Broker>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,

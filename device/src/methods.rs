@@ -1,14 +1,14 @@
-//! Direct methods: a call from the service side (the management API, later
-//! the upstream link) is sent to the connected identity on
-//! `$iothub/methods/POST/{name}/?$rid={rid}`, and the answer it publishes on
-//! `$iothub/methods/res/{status}/?$rid={rid}` completes the call.
+//! Direct methods: a call from the service side (the management API, the
+//! upstream link) is handed to the connected identity's link as a
+//! [`Delivery::MethodRequest`] with a request id, and the answer its head
+//! reports with that id ([`Methods::respond`]) completes the call.
 //!
 //! As IoT Hub: a payload is at most 128 KiB, the response timeout is 5–300 s,
 //! a target that is not connected (or not subscribed to methods) answers 404,
 //! and one that stays silent 504.
 //!
 //! Owns: calls in flight and their request ids. Must not touch: the wire
-//! (the broker queues the request on the identity's own session).
+//! (the identity's head turns the request into its frames).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use edgehub_codec::{Props, QoS, Str};
 use tokio::sync::oneshot;
 
-use crate::broker::session::Message;
-use crate::broker::{Broker, Targeted};
+use crate::link::{Delivery, Links, Offer};
 
 pub const MAX_PAYLOAD: usize = 128 * 1024;
 pub const MIN_TIMEOUT_SECS: u64 = 5;
@@ -36,7 +34,7 @@ pub enum MethodError {
     TooLarge(usize),
     #[error("{0} is not connected")]
     NotConnected(String),
-    #[error("{0} has not subscribed to direct methods ($iothub/methods/POST/#)")]
+    #[error("{0} does not listen for direct methods (MQTT: subscribe to $iothub/methods/POST/#)")]
     NotSubscribed(String),
     #[error("{identity} did not answer method {method:?} within {secs} s")]
     Timeout {
@@ -79,7 +77,7 @@ pub struct MethodResponse {
 }
 
 pub struct Methods {
-    broker: Arc<Broker>,
+    links: Arc<Links>,
     /// (session key, request id) → the waiting caller.
     pending: DashMap<(Arc<str>, u64), oneshot::Sender<MethodResponse>>,
     next_rid: AtomicU64,
@@ -94,9 +92,9 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Methods {
-    pub fn new(broker: Arc<Broker>) -> Methods {
+    pub fn new(links: Arc<Links>) -> Methods {
         Methods {
-            broker,
+            links,
             pending: DashMap::new(),
             next_rid: AtomicU64::new(1),
         }
@@ -128,7 +126,7 @@ impl Methods {
             )));
         }
         let until = tokio::time::Instant::now() + connect_timeout;
-        while !self.broker.is_connected(identity) {
+        while !self.links.is_connected(identity) {
             if tokio::time::Instant::now() >= until {
                 return Err(MethodError::NotConnected(identity.to_owned()));
             }
@@ -147,21 +145,17 @@ impl Methods {
             }
         }
         let _forget = Forget(self, key);
-        let msg = Arc::new(Message {
-            topic: Str::from(format!("$iothub/methods/POST/{method}/?$rid={rid:x}")),
+        let request = Delivery::MethodRequest {
+            method: method.to_owned(),
+            request_id: rid,
             payload,
-            // IoT Hub sends method requests at QoS 0: a request is only
-            // worth something while the caller still waits.
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: Props::default(),
-            expires_at: None,
-            origin: None,
-            delivered: None,
-        });
-        match self.broker.deliver_to(identity, msg) {
-            Targeted::Queued => {}
-            Targeted::NotSubscribed => return Err(MethodError::NotSubscribed(identity.into())),
+        };
+        // Only a live link: a request is only worth something while the
+        // caller still waits (IoT Hub sends them at QoS 0); one held for an
+        // away session is not a call.
+        match self.links.deliver(identity, request) {
+            Offer::Sent => {}
+            Offer::NotListening => return Err(MethodError::NotSubscribed(identity.into())),
             _ => return Err(MethodError::NotConnected(identity.into())),
         }
         match tokio::time::timeout(response_timeout, rx).await {
@@ -174,45 +168,85 @@ impl Methods {
         }
     }
 
-    /// An answer published by `identity` on `$iothub/methods/res/…`.
-    /// `false` when no call waits for it (unknown, late or another
-    /// identity's request id).
-    pub fn respond(&self, identity: &str, topic: &str, payload: Bytes) -> bool {
-        let Some((status, rid)) = parse_response_topic(topic) else {
-            return false;
-        };
-        match self.pending.remove(&(Arc::from(identity), rid)) {
+    /// The answer of `identity` to request `request_id`. `false` when no
+    /// call waits for it (unknown, late or another identity's request id).
+    pub fn respond(&self, identity: &str, request_id: u64, status: i32, payload: Bytes) -> bool {
+        match self.pending.remove(&(Arc::from(identity), request_id)) {
             Some((_, tx)) => tx.send(MethodResponse { status, payload }).is_ok(),
             None => false,
         }
     }
 }
 
-/// `$iothub/methods/res/{status}/?$rid={rid}` → (status, rid).
-fn parse_response_topic(topic: &str) -> Option<(i32, u64)> {
-    let rest = topic.strip_prefix("$iothub/methods/res/")?;
-    let (status, query) = rest.split_once("/?")?;
-    let status = status.parse().ok()?;
-    let rid = super::services::query_value(query, "$rid")?;
-    Some((status, u64::from_str_radix(rid, 16).ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::tests::MemoryLink;
 
     #[test]
-    fn response_topics_parse() {
-        assert_eq!(
-            parse_response_topic("$iothub/methods/res/200/?$rid=1f"),
-            Some((200, 0x1f))
-        );
-        assert_eq!(
-            parse_response_topic("$iothub/methods/res/-1/?$rid=2&x=y"),
-            Some((-1, 2))
-        );
-        assert_eq!(parse_response_topic("$iothub/methods/res/200/"), None);
-        assert_eq!(parse_response_topic("$iothub/methods/res/ok/?$rid=1"), None);
+    fn method_names_fit_one_topic_level() {
         assert!(valid_name("reboot") && !valid_name("a/b") && !valid_name(""));
+        assert!(!valid_name(&"x".repeat(129)) && !valid_name("a#"));
+    }
+
+    #[tokio::test]
+    async fn a_call_goes_to_the_live_link_and_its_answer_completes_it() {
+        let links = Arc::new(Links::default());
+        let methods = Arc::new(Methods::new(links.clone()));
+        let t = Duration::from_secs(5);
+        let r = methods
+            .invoke("d1", "reboot", Bytes::new(), t, Duration::ZERO)
+            .await;
+        assert_eq!(r, Err(MethodError::NotConnected("d1".into())));
+        let head = Arc::new(MemoryLink::default());
+        let _link = links.attach("d1".into(), head.clone());
+        let m2 = methods.clone();
+        let call = tokio::spawn(async move {
+            m2.invoke("d1", "reboot", Bytes::from_static(b"{}"), t, Duration::ZERO)
+                .await
+        });
+        let rid = loop {
+            if let Some((
+                who,
+                Delivery::MethodRequest {
+                    method, request_id, ..
+                },
+            )) = head.got.lock().first()
+            {
+                assert_eq!((who.as_str(), method.as_str()), ("d1", "reboot"));
+                break *request_id;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(
+            !methods.respond("d2", rid, 200, Bytes::new()),
+            "another identity's id"
+        );
+        assert!(methods.respond("d1", rid, 201, Bytes::from_static(b"ok")));
+        let answer = call.await.unwrap().unwrap();
+        assert_eq!((answer.status, &answer.payload[..]), (201, &b"ok"[..]));
+        assert!(
+            !methods.respond("d1", rid, 200, Bytes::new()),
+            "answered once"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_link_that_does_not_listen_is_not_subscribed() {
+        let links = Arc::new(Links::default());
+        let methods = Methods::new(links.clone());
+        let head = Arc::new(MemoryLink::default());
+        *head.offer.lock() = Some(Offer::NotListening);
+        let _link = links.attach("d1".into(), head);
+        let r = methods
+            .invoke(
+                "d1",
+                "m",
+                Bytes::new(),
+                Duration::from_secs(5),
+                Duration::ZERO,
+            )
+            .await;
+        assert_eq!(r, Err(MethodError::NotSubscribed("d1".into())));
     }
 }

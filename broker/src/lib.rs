@@ -6,6 +6,7 @@
 //! receive. Must not touch: sockets or the wire format (connection/codec), IoT
 //! Hub semantics (the IoT Hub layer decides through the `auth` seam).
 
+pub mod auth;
 pub mod session;
 pub mod subscriptions;
 pub mod topic;
@@ -187,20 +188,6 @@ pub struct Limits {
     pub connect_timeout: Duration,
 }
 
-impl Limits {
-    pub fn from_config(c: &crate::config::Config) -> Limits {
-        Limits {
-            max_packet_size: c.max_packet_size,
-            max_inflight: c.max_inflight.max(1),
-            receive_maximum: c.receive_maximum.max(1),
-            max_queued_messages: c.max_queued_messages,
-            topic_alias_maximum: c.topic_alias_maximum,
-            max_keep_alive: c.max_keep_alive,
-            connect_timeout: Duration::from_secs(c.connect_timeout),
-        }
-    }
-}
-
 /// Counters the metrics endpoint will expose.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -263,7 +250,7 @@ pub trait SessionQueueStore: Send + Sync + 'static {
         &self,
         msg: &Message,
         sessions: &[Arc<str>],
-    ) -> BoxFuture<Result<u64, edgehub_store::StoreError>>;
+    ) -> BoxFuture<Result<u64, QueueStoreError>>;
     /// The subscriber of `session` has the message of `token`.
     fn ack(&self, session: &str, token: u64);
     /// What `session` still has to receive, oldest first (after a restart).
@@ -271,6 +258,12 @@ pub trait SessionQueueStore: Send + Sync + 'static {
     /// The session ended: its records go.
     fn forget(&self, session: &str);
 }
+
+/// Why a session queue store could not record a message; the store's own
+/// error, boxed (the broker only passes it back to the publisher's head).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct QueueStoreError(pub Box<dyn std::error::Error + Send + Sync>);
 
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
@@ -715,10 +708,7 @@ impl Broker {
     pub fn publish_durable(
         &self,
         msg: Arc<Message>,
-    ) -> (
-        usize,
-        Option<BoxFuture<Result<(), edgehub_store::StoreError>>>,
-    ) {
+    ) -> (usize, Option<BoxFuture<Result<(), QueueStoreError>>>) {
         self.stats.messages_received.fetch_add(1, Ordering::Relaxed);
         if msg.retain {
             let mut r = self.retained.write();
@@ -752,7 +742,7 @@ impl Broker {
             .collect();
         let append = q.append(&msg, &ids);
         let max = self.limits.max_queued_messages;
-        let fut: BoxFuture<Result<(), edgehub_store::StoreError>> = Box::pin(async move {
+        let fut: BoxFuture<Result<(), QueueStoreError>> = Box::pin(async move {
             let token = append.await?;
             for (session, mut d) in deferred {
                 d.stored = Some(token);

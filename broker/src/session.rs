@@ -32,71 +32,35 @@ pub struct Message {
     pub origin: Option<Arc<str>>,
     /// Set when a subscriber has it (PUBACK/PUBCOMP, or written for QoS 0):
     /// how an endpoint executor learns its message reached the module.
-    pub delivered: Option<Arc<Delivered>>,
+    pub delivered: Option<Arc<dyn DeliveryReceipt>>,
 }
 
-/// A one-shot "the destination has it" flag; setting it wakes the endpoint
-/// executor that owns the waker. If the message is dropped unacknowledged
-/// (its session ended: a clean session's client left, or it was taken
-/// over), the flag says *released*, so the executor can give it to the
-/// next connection at once (and count the attempt) instead of waiting out
-/// its lock.
-#[derive(Debug)]
-pub struct Delivered {
-    /// 0 pending, 1 done, 2 released, 3 cancelled (the executor lets go).
-    state: std::sync::atomic::AtomicU8,
-    waker: Arc<Notify>,
+impl std::fmt::Debug for dyn DeliveryReceipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeliveryReceipt")
+    }
 }
 
-impl Delivered {
-    pub fn new(waker: Arc<Notify>) -> Delivered {
-        Delivered {
-            state: std::sync::atomic::AtomicU8::new(0),
-            waker,
-        }
-    }
-
-    fn settle(&self, to: u8, wake: bool) {
-        use std::sync::atomic::Ordering::AcqRel;
-        if self
-            .state
-            .compare_exchange(0, to, AcqRel, std::sync::atomic::Ordering::Acquire)
-            .is_ok()
-            && wake
-        {
-            self.waker.notify_one();
-        }
-    }
-
-    pub fn set(&self) {
-        self.settle(1, true)
-    }
-
-    /// The message left its session without an acknowledgement.
-    pub fn release(&self) {
-        self.settle(2, true)
-    }
-
-    /// The executor no longer follows this delivery (it never reached a
-    /// session): nothing is reported when it drops.
-    pub fn cancel(&self) {
-        self.settle(3, false)
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.state.load(std::sync::atomic::Ordering::Acquire) == 1
-    }
-
-    pub fn is_released(&self) -> bool {
-        self.state.load(std::sync::atomic::Ordering::Acquire) == 2
-    }
+/// How whoever handed the broker a message learns what became of it at
+/// its subscriber (an endpoint executor following a stored message): the
+/// first report counts.
+pub trait DeliveryReceipt: Send + Sync {
+    /// The subscriber has it (PUBACK/PUBCOMP, or written for QoS 0).
+    fn acknowledged(&self);
+    /// It left its session unacknowledged (a clean session's client left,
+    /// or the session was taken over): it may go to the next connection
+    /// at once.
+    fn lost(&self);
+    /// The connection discarded it without sending it (larger than the
+    /// client's maximum packet size): offer it again later, not at once.
+    fn discarded(&self);
 }
 
 impl Drop for Message {
     fn drop(&mut self) {
         // Every holder is gone: a delivery nobody acknowledged was lost.
         if let Some(d) = &self.delivered {
-            d.release();
+            d.lost();
         }
     }
 }
