@@ -16,7 +16,7 @@ if ! command -v mosquitto >/dev/null; then
 fi
 # BENCH_NO_BUILD=1: use the release binaries already in the target dir.
 [ "${BENCH_NO_BUILD:-0}" = 1 ] ||
-    cargo build -q --release -p edgehub -p edgehub-loadtest -p edgehub-benches --example fsync_rate
+    cargo build -q --release -p edgehub -p edgehub-loadtest -p edgehub-benches --bins --example fsync_rate
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 work="$(mktemp -d -p "${BENCH_DIR:-$PWD}")"

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgehub::pipeline::{enqueued_time_now, load_routes, Pipeline};
+use edgehub::pipeline::{load_routes, Pipeline};
 use edgehub_codec::{decode, encode, Packet, Protocol, PubResp, Publish, QoS, Str};
+use edgehub_device::telemetry::enqueued_time_now;
 use edgehub_store::{Durability, Store, StoreConfig};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 

@@ -1,6 +1,7 @@
 //! The MQTT broker core: session table, subscription index, retained
 //! messages, routing of published messages to sessions, wills and session
-//! expiry. Transport-agnostic: connection tasks (see `connection`) call in.
+//! expiry. Transport-agnostic: the MQTT head's connection tasks call in.
+//! See the README for what it owns.
 //!
 //! Owns: who is subscribed to what and what each session still has to
 //! receive. Must not touch: sockets or the wire format (connection/codec), IoT

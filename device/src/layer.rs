@@ -7,9 +7,13 @@
 //! head's connection task waits for a store write. Each answer goes back
 //! to the asking identity's own link as a [`Delivery::TwinAnswer`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use edgehub_router::Message;
+use edgehub_store::StoreError;
 use serde_json::Value;
 use tracing::{debug, warn};
 
@@ -19,6 +23,17 @@ use crate::methods::Methods;
 use crate::twin::{parse_patch, TwinError, Twins};
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// Resolves once accepted telemetry is durable (with its store sequence),
+/// or says why the store refused it.
+pub type Stored = Pin<Box<dyn Future<Output = Result<u64, StoreError>> + Send>>;
+
+/// Where accepted telemetry goes next: the hub's routes and store.
+pub trait TelemetrySink: Send + Sync + 'static {
+    /// Routes and stores `msg`. `Ok(None)`: no route took it (counted and
+    /// dropped, as IoT Edge does: the sender did nothing wrong).
+    fn submit(&self, msg: Message) -> Result<Option<Stored>, StoreError>;
+}
 
 /// Told the identity whose reported properties just changed.
 pub type ReportedHook = Box<dyn Fn(&str) + Send + Sync>;
@@ -31,6 +46,7 @@ pub struct DeviceLayer {
     /// Told (on the twin worker) when an identity's reported properties
     /// changed, so the upstream link can pass them on.
     reported_hook: OnceLock<ReportedHook>,
+    telemetry: OnceLock<Arc<dyn TelemetrySink>>,
 }
 
 fn error_bytes(code: ErrorCode, e: &impl std::fmt::Display) -> Bytes {
@@ -55,7 +71,29 @@ impl DeviceLayer {
             links,
             jobs: tx,
             reported_hook: OnceLock::new(),
+            telemetry: OnceLock::new(),
         })
+    }
+
+    /// Where telemetry goes once accepted (set once, before heads serve).
+    pub fn set_telemetry_sink(&self, sink: Arc<dyn TelemetrySink>) {
+        let _ = self.telemetry.set(sink);
+    }
+
+    /// `identity` sends `msg` (body, application and system properties as
+    /// its head read them): stamped with the identity and the hub's
+    /// enqueued time, routed, stored. Resolves when durable; the head
+    /// acknowledges the sender only then.
+    pub fn send_telemetry(
+        &self,
+        identity: &str,
+        msg: Message,
+    ) -> Result<Option<Stored>, StoreError> {
+        let msg = crate::telemetry::accept(msg, identity, &crate::telemetry::enqueued_time_now());
+        match self.telemetry.get() {
+            Some(sink) => sink.submit(msg),
+            None => Err(StoreError::Closed),
+        }
     }
 
     /// Calls `hook` after every accepted reported-properties patch (set once).
@@ -238,6 +276,43 @@ mod tests {
         layer.patch_reported(&who, "8".into(), Bytes::from(big));
         let (_, status, _, body) = next_answer(&head);
         assert_eq!((status, body["errorCode"].as_u64()), (413, Some(413001)));
+    }
+
+    #[test]
+    fn telemetry_is_stamped_with_the_sender_and_handed_on() {
+        use edgehub_router::{MessageSource, SystemProperty};
+        struct Keep(parking_lot::Mutex<Vec<Message>>);
+        impl TelemetrySink for Keep {
+            fn submit(&self, msg: Message) -> Result<Option<Stored>, StoreError> {
+                let stored = msg.body.len() as u64;
+                self.0.lock().push(msg);
+                Ok(Some(Box::pin(async move { Ok(stored) })))
+            }
+        }
+        let (_dir, layer) = layer();
+        assert!(matches!(
+            layer.send_telemetry("d1", Message::new(Bytes::new())),
+            Err(StoreError::Closed)
+        ));
+        let keep = Arc::new(Keep(Default::default()));
+        layer.set_telemetry_sink(keep.clone());
+        let mut m = Message::new(Bytes::from_static(b"abc"));
+        m.set_system(SystemProperty::ConnectionDeviceId, "forged");
+        let stored = layer.send_telemetry("edge/filter", m).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(rt.block_on(stored).unwrap(), 3);
+        let got = keep.0.lock();
+        let m = &got[0];
+        assert_eq!(
+            m.system(SystemProperty::ConnectionDeviceId).map(|s| &**s),
+            Some("edge")
+        );
+        assert!(m
+            .system(SystemProperty::EnqueuedTime)
+            .is_some_and(|t| t.ends_with('Z')));
+        assert!(matches!(m.source, Some(MessageSource::ModuleOutput { .. })));
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub enum MethodError {
     TooLarge(usize),
     #[error("{0} is not connected")]
     NotConnected(String),
-    #[error("{0} does not listen for direct methods (MQTT: subscribe to $iothub/methods/POST/#)")]
+    #[error("{0} is connected but has not subscribed to direct methods")]
     NotSubscribed(String),
     #[error("{identity} did not answer method {method:?} within {secs} s")]
     Timeout {

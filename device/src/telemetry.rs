@@ -6,6 +6,13 @@
 
 use edgehub_router::{Message, MessageSource, SystemProperty};
 
+/// `enqueuedTime` as IoT Hub writes it (RFC 3339, UTC), now.
+pub fn enqueued_time_now() -> String {
+    let t = time::OffsetDateTime::from(std::time::SystemTime::now());
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// `msg` as sent by `identity` (`device` or `device/module`, as
 /// authenticated) at `enqueued_time` (RFC 3339, the hub's clock).
 pub fn accept(mut msg: Message, identity: &str, enqueued_time: &str) -> Message {

@@ -266,7 +266,7 @@ pub enum RoutesCommand {
     /// "systemProperties": {"contentType": "application/json",
     /// "contentEncoding": "utf-8", "connectionDeviceId": "…", …}, and
     /// "source": "telemetry" (default), "twinChangeNotifications" or
-    /// "/messages/modules/<module>/outputs/<output>".
+    /// `"/messages/modules/<module>/outputs/<output>"`.
     Test {
         /// The route, e.g. "FROM /messages/* WHERE $body.temp > 30 INTO $upstream".
         #[arg(long)]

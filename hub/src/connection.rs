@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::iothub::services::Handled;
 use crate::iothub::telemetry::TelemetryError;
 use crate::iothub::IotHub;
-use crate::pipeline::{iothub_telemetry, Pipeline};
+use crate::pipeline::iothub_telemetry;
 use edgehub_broker::auth::{AuthError, ConnectInfo, Principal};
 use edgehub_broker::session::{Delivery, Message, OutState, Outgoing, PendingWill, Session};
 use edgehub_broker::topic::{parse_shared, valid_filter, valid_topic_name};
@@ -75,9 +75,35 @@ fn decode_close(e: &DecodeError) -> Close {
 }
 
 /// Serves one accepted connection (TLS already established) to its end.
+/// The MQTT protocol head: serves MQTT 3.1.1 and 5.0 on any transport's
+/// streams.
+pub struct MqttHead {
+    pub broker: Arc<Broker>,
+    pub iothub: Option<Arc<IotHub>>,
+}
+
+impl crate::transport::Head for MqttHead {
+    fn serve(
+        self: Arc<Self>,
+        a: crate::transport::Accepted,
+        shutdown: watch::Receiver<bool>,
+    ) -> crate::transport::BoxFuture {
+        Box::pin(async move {
+            serve(
+                self.broker.clone(),
+                self.iothub.clone(),
+                a.stream,
+                a.peer,
+                a.client_chain,
+                shutdown,
+            )
+            .await
+        })
+    }
+}
+
 pub async fn serve<S>(
     broker: Arc<Broker>,
-    pipeline: Option<Arc<Pipeline>>,
     iothub: Option<Arc<IotHub>>,
     stream: S,
     peer: SocketAddr,
@@ -129,7 +155,6 @@ pub async fn serve<S>(
     };
     let Some(mut conn) = Connection::accept(
         broker,
-        pipeline,
         iothub,
         *connect,
         peer,
@@ -202,15 +227,57 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-/// A telemetry message on its way to the store: its PUBACK waits for it.
-type PendingPublish = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (u16, QoS, Result<u64, StoreError>)> + Send>,
->;
+/// A publish whose PUBACK waits: telemetry on its way to the store, a
+/// generic publish being recorded for persistent sessions, or one already
+/// done that must be acknowledged in order after those.
+struct PendingPublish {
+    packet_id: u16,
+    qos: QoS,
+    state: Pending,
+}
+
+enum Pending {
+    Done(Option<Result<u64, StoreError>>),
+    Stored(edgehub_device::layer::Stored),
+    Recorded(edgehub_broker::BoxFuture<Result<(), edgehub_broker::QueueStoreError>>),
+}
+
+impl PendingPublish {
+    fn done(packet_id: u16, qos: QoS, r: Result<u64, StoreError>) -> PendingPublish {
+        PendingPublish {
+            packet_id,
+            qos,
+            state: Pending::Done(Some(r)),
+        }
+    }
+}
+
+impl std::future::Future for PendingPublish {
+    type Output = (u16, QoS, Result<u64, StoreError>);
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let me = self.get_mut();
+        let r = match &mut me.state {
+            Pending::Done(r) => r.take().expect("polled after completion"),
+            Pending::Stored(f) => match f.as_mut().poll(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => return Poll::Pending,
+            },
+            Pending::Recorded(f) => match f.as_mut().poll(cx) {
+                Poll::Ready(r) => r.map(|()| 0).map_err(store_error),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        Poll::Ready((me.packet_id, me.qos, r))
+    }
+}
 
 struct Connection {
     broker: Arc<Broker>,
-    /// Where IoT Hub telemetry goes (routes, then the store).
-    pipeline: Option<Arc<Pipeline>>,
     /// Twin and method requests of IoT Hub identities.
     iothub: Option<Arc<IotHub>>,
     /// An IoT Hub identity's device link: held (detached on drop) while
@@ -248,7 +315,6 @@ impl Connection {
     /// the connection was refused (CONNACK with the reason already written).
     async fn accept<W: AsyncWrite + Unpin>(
         broker: Arc<Broker>,
-        pipeline: Option<Arc<Pipeline>>,
         iothub: Option<Arc<IotHub>>,
         c: Connect,
         peer: SocketAddr,
@@ -446,7 +512,6 @@ impl Connection {
                 )),
                 _ => None,
             },
-            pipeline,
             iothub,
             pending: FuturesOrdered::new(),
         };
@@ -830,11 +895,11 @@ impl Connection {
             return self.on_iothub_request(qos, packet_id, &topic, payload);
         }
         if !self.principal.anonymous {
-            if let Some(pipeline) = self.pipeline.clone() {
+            if let Some(iothub) = self.iothub.clone() {
                 let identity = self.principal.name.clone();
                 match iothub_telemetry(&identity, &topic, payload.clone(), retain) {
                     Err(TelemetryError::NotTelemetry(_)) => {}
-                    parsed => return self.on_telemetry(&pipeline, qos, packet_id, parsed),
+                    parsed => return self.on_telemetry(&iothub, qos, packet_id, parsed),
                 }
             }
         }
@@ -858,13 +923,14 @@ impl Connection {
         if durable.is_some() || (qos != QoS::AtMostOnce && !self.pending.is_empty()) {
             // Acknowledged once recorded for the persistent sessions it goes
             // to, and in order with the publishes still waiting to be.
-            let fut: PendingPublish =
-                match durable {
-                    Some(f) => Box::pin(async move {
-                        (packet_id, qos, f.await.map(|()| 0).map_err(store_error))
-                    }),
-                    None => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
-                };
+            let fut = match durable {
+                Some(f) => PendingPublish {
+                    packet_id,
+                    qos,
+                    state: Pending::Recorded(f),
+                },
+                None => PendingPublish::done(packet_id, qos, Ok(0)),
+            };
             self.pending.push_back(fut);
             return Ok(());
         }
@@ -920,7 +986,7 @@ impl Connection {
     /// IoT Hub telemetry: routed and stored, acknowledged once durable.
     fn on_telemetry(
         &mut self,
-        pipeline: &Pipeline,
+        iothub: &IotHub,
         qos: QoS,
         packet_id: u16,
         parsed: Result<edgehub_router::Message, TelemetryError>,
@@ -947,12 +1013,16 @@ impl Connection {
                 return Ok(());
             }
         };
-        let fut: PendingPublish = match pipeline.submit(msg) {
-            Ok(Some(stored)) => Box::pin(async move { (packet_id, qos, stored.await) }),
+        let fut = match iothub.layer.send_telemetry(&self.principal.name, msg) {
+            Ok(Some(stored)) => PendingPublish {
+                packet_id,
+                qos,
+                state: Pending::Stored(stored),
+            },
             // No route took it: counted and dropped, yet acknowledged (the
             // sender did nothing wrong), in order with the others.
-            Ok(None) => Box::pin(std::future::ready((packet_id, qos, Ok(0)))),
-            Err(e) => Box::pin(std::future::ready((packet_id, qos, Err(e)))),
+            Ok(None) => PendingPublish::done(packet_id, qos, Ok(0)),
+            Err(e) => PendingPublish::done(packet_id, qos, Err(e)),
         };
         self.pending.push_back(fut);
         Ok(())
@@ -965,9 +1035,6 @@ impl Connection {
         qos: QoS,
         r: Result<u64, StoreError>,
     ) -> Result<(), Close> {
-        if let Some(p) = &self.pipeline {
-            p.record_outcome(&r);
-        }
         match r {
             Ok(_) => {
                 match qos {

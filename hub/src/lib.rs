@@ -1,25 +1,26 @@
-//! edgehub: an IoT Edge hub.
-//!
-//! This crate holds the listeners, the MQTT protocol head and broker core, the
-//! IoT Hub layer's first slices, the path from telemetry to the store, module
-//! endpoint executors and the management API; later the upstream link.
+//! edgehub: an IoT Edge hub. This crate puts the others together and holds
+//! the parts that touch the network (see ARCHITECTURE.md for the map):
 //!
 //! - [`config`]: command line and environment (`EDGEHUB_*`).
 //! - [`tls`]: server TLS config; the development CA generated into the data dir.
-//! - [`server`]: TCP and TLS listeners, one task per connection, graceful shutdown.
-//! - [`connection`]: one MQTT connection: CONNECT handling, packet dispatch,
-//!   flow control, keep-alive, write batching.
-//! - [`broker`]: sessions, subscription trie, retained messages, routing,
-//!   wills and session expiry. Knows no sockets.
-//! - [`auth`]: the authentication/authorization seam the IoT Hub layer plugs into.
-//! - [`iothub`]: IoT Hub identities, SAS authentication, per-identity topic authorization.
-//! - [`pipeline`]: IoT Hub telemetry → routes → store; PUBACK once durable.
-//! - [`endpoints`]: executors delivering stored messages to module inputs.
-//! - [`management`]: the HTTP management API (outbox, metrics, health).
-//! - [`upstream`]: the `$upstream` executor forwarding to IoT Hub or a parent edgehub.
+//! - [`transport`]: listeners yielding TCP and TLS byte streams to protocol heads.
+//! - [`connection`]: the MQTT head: one MQTT connection (CONNECT handling,
+//!   packet dispatch, flow control, keep-alive, write batching) over the
+//!   generic broker (`edgehub-broker`).
+//! - [`iothub`]: IoT Hub over MQTT: CONNECT credentials into device-layer
+//!   verdicts, topic authorization, telemetry topics and property bags,
+//!   `$iothub/…` requests, the topics of device-layer deliveries.
+//! - [`pipeline`]: telemetry → routes → store; PUBACK once durable.
+//! - [`endpoints`]: executors delivering stored module inputs and
+//!   cloud-to-device messages to the identity's device link.
+//! - [`upstream`]: the `$upstream` executor forwarding to IoT Hub or a parent
+//!   edgehub; [`relay`]: what comes down from it.
+//! - [`management`]: the HTTP management API, one module per resource.
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
+//! - [`server`]: wires it all and shuts down gracefully.
 //!
-//! The wire format lives in the `edgehub-codec` crate.
+//! IoT Hub semantics live in `edgehub-device`; the wire format in
+//! `edgehub-codec`.
 
 pub mod config;
 pub mod connection;
@@ -31,6 +32,7 @@ pub mod relay;
 pub mod routes_cli;
 pub mod server;
 pub mod tls;
+pub mod transport;
 pub mod upstream;
 
 pub use config::Config;

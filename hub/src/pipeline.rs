@@ -1,6 +1,7 @@
 //! From an accepted IoT Hub message to its durable queue entries: route it,
-//! then hand it to the store's group-commit writer. The connection
-//! acknowledges the sender only when the returned future resolves.
+//! then hand it to the store's group-commit writer. It is the device
+//! layer's telemetry sink; the head acknowledges the sender only when the
+//! returned future resolves.
 //!
 //! Owns: the live route table, the endpoint → store queue mapping, message
 //! counters. Must not touch: the wire (the connection decides what a result
@@ -23,6 +24,27 @@ pub const DEFAULT_ROUTE: &str = "FROM /messages/* INTO $upstream";
 /// (IoT Edge's default: two hours).
 pub const DEFAULT_TTL_SECS: u32 = 7200;
 
+impl Metrics {
+    /// Counts what became of a submitted message.
+    pub(crate) fn record_outcome(&self, r: &Result<u64, StoreError>) {
+        match r {
+            Ok(_) => {}
+            Err(e) if e.is_quota() => {
+                self.refused_quota.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.store_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl edgehub_device::layer::TelemetrySink for Pipeline {
+    fn submit(&self, msg: Message) -> Result<Option<edgehub_device::layer::Stored>, StoreError> {
+        Ok(Pipeline::submit(self, msg)?.map(|f| Box::pin(f) as edgehub_device::layer::Stored))
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub received: AtomicU64,
@@ -35,7 +57,7 @@ pub struct Pipeline {
     store: Store,
     routes: SharedRouteTable,
     endpoints: DashMap<Endpoint, Arc<EndpointHandle>>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Prefix of edge message ids: differs per process start, so ids stay
     /// unique across restarts without a stored counter.
     boot: u64,
@@ -119,7 +141,7 @@ impl Pipeline {
             store,
             routes: SharedRouteTable::new(routes),
             endpoints: DashMap::new(),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             boot: rand::random(),
             next_id: AtomicU64::new(0),
         }
@@ -183,22 +205,12 @@ impl Pipeline {
             ));
         }
         let append = Append::new(Arc::new(msg), targets);
-        let store = self.store.clone();
-        // Not boxed here: the connection boxes it once with its packet id.
-        Ok(Some(async move { store.append(append).await }))
-    }
-
-    /// Counts what became of a submitted message.
-    pub fn record_outcome(&self, r: &Result<u64, StoreError>) {
-        match r {
-            Ok(_) => {}
-            Err(e) if e.is_quota() => {
-                self.metrics.refused_quota.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        Ok(Some(async move {
+            let r = store.append(append).await;
+            metrics.record_outcome(&r);
+            r
+        }))
     }
 
     /// Prometheus text exposition of the message counters.
@@ -277,39 +289,26 @@ impl Pipeline {
 }
 
 /// An identity's PUBLISH on its telemetry topic as the IoT Hub message
-/// (property bag parsed, identity and `enqueuedTime` stamped by the hub).
-/// IoT Hub keeps no retained messages; a set retain flag becomes the
-/// application property `mqtt-retain=true`.
+/// (property bag parsed; the device layer stamps identity and
+/// `enqueuedTime` when it accepts it). IoT Hub keeps no retained messages;
+/// a set retain flag becomes the application property `mqtt-retain=true`.
 pub fn iothub_telemetry(
     identity: &str,
     topic: &str,
     payload: bytes::Bytes,
     retain: bool,
 ) -> Result<Message, crate::iothub::telemetry::TelemetryError> {
-    let mut msg = crate::iothub::telemetry::telemetry_message(
-        identity,
-        topic,
-        payload,
-        &enqueued_time_now(),
-    )?;
+    let mut msg = crate::iothub::telemetry::parse_telemetry(identity, topic, payload)?;
     if retain {
         msg.set_property("mqtt-retain", "true");
     }
     Ok(msg)
 }
 
-/// `enqueuedTime` as IoT Hub writes it (RFC 3339, UTC).
-pub fn enqueued_time_now() -> String {
-    let now = std::time::SystemTime::now();
-    let t = time::OffsetDateTime::from(now);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 /// IoT Hub wills: a device's will on its telemetry topic is sent as
 /// telemetry (routed and stored like any message), marked with the
 /// application property `iothub-MessageType=Will`, as IoT Hub does.
-pub struct WillsAsTelemetry(pub Arc<Pipeline>);
+pub struct WillsAsTelemetry(pub Arc<edgehub_device::DeviceLayer>);
 
 impl edgehub_broker::WillSink for WillsAsTelemetry {
     fn take(&self, w: &edgehub_broker::session::PendingWill) -> bool {
@@ -332,13 +331,10 @@ impl edgehub_broker::WillSink for WillsAsTelemetry {
         };
         msg.set_property("iothub-MessageType", "Will");
         let who = w.principal.name.clone();
-        match self.0.submit(msg) {
+        match self.0.send_telemetry(&who, msg) {
             Ok(Some(stored)) => {
-                let pipeline = self.0.clone();
                 tokio::spawn(async move {
-                    let r = stored.await;
-                    pipeline.record_outcome(&r);
-                    if let Err(e) = r {
+                    if let Err(e) = stored.await {
                         tracing::warn!(identity = %who, error = %e, "will not stored");
                     }
                 });

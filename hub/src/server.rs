@@ -1,15 +1,17 @@
-//! Listeners: plain TCP and TLS, each accepted connection served by its own
-//! task; graceful shutdown tells every connection to close and waits briefly.
+//! The hub put together: opens the store, the identity registry and the
+//! routes, wires the broker, the device layer, the endpoint executors, the
+//! upstream link and the management API, binds the listeners (see
+//! `transport`) with their protocol heads, and shuts down gracefully:
+//! every connection is told to close, and the hub waits briefly for them.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{Config, DurabilityArg};
 use crate::pipeline::Pipeline;
@@ -130,6 +132,8 @@ impl edgehub_broker::SessionStore for StoreTable {
 /// the message, or with its session.
 struct StoreSessionQueues {
     store: edgehub_store::Store,
+    /// Refusals count with the telemetry pipeline's.
+    metrics: Arc<crate::pipeline::Metrics>,
     handles: dashmap::DashMap<String, Arc<edgehub_store::EndpointHandle>>,
 }
 
@@ -178,17 +182,19 @@ impl edgehub_broker::SessionQueueStore for StoreSessionQueues {
             })
             .collect();
         let record = edgehub_broker::message_record(msg, msg.retain);
-        let store = self.store.clone();
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
         Box::pin(async move {
             let message = edgehub_router::Message::new(bytes::Bytes::from(record));
-            let boxed = |e: edgehub_store::StoreError| edgehub_broker::QueueStoreError(Box::new(e));
-            store
-                .append(edgehub_store::Append::new(
-                    Arc::new(message),
-                    targets.map_err(boxed)?,
-                ))
-                .await
-                .map_err(boxed)
+            let r = match targets {
+                Ok(t) => {
+                    store
+                        .append(edgehub_store::Append::new(Arc::new(message), t))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            metrics.record_outcome(&r);
+            r.map_err(|e| edgehub_broker::QueueStoreError(Box::new(e)))
         })
     }
 
@@ -220,23 +226,6 @@ impl edgehub_broker::SessionQueueStore for StoreSessionQueues {
             .and_then(|h| self.store.ack(&h, &entries))
         {
             warn!(client = session, error = %e, "queued messages of an ended session not removed");
-        }
-    }
-}
-
-/// Counts live connection tasks so shutdown can wait for them.
-#[derive(Default)]
-struct Tracker {
-    live: AtomicUsize,
-    idle: Notify,
-}
-
-struct Guard(Arc<Tracker>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
         }
     }
 }
@@ -390,6 +379,7 @@ impl Server {
             .collect();
         broker.set_session_queue_store(Arc::new(StoreSessionQueues {
             store: pipeline.store().clone(),
+            metrics: pipeline.metrics.clone(),
             handles: Default::default(),
         }));
         broker.persist_sessions(
@@ -421,11 +411,10 @@ impl Server {
                 "retained messages restored"
             );
         }
-        broker.set_will_sink(Arc::new(crate::pipeline::WillsAsTelemetry(
-            pipeline.clone(),
-        )));
         let twins = Arc::new(edgehub_device::twin::Twins::new(pipeline.store().clone()));
         let devices = edgehub_device::DeviceLayer::new(twins);
+        devices.set_telemetry_sink(pipeline.clone());
+        broker.set_will_sink(Arc::new(crate::pipeline::WillsAsTelemetry(devices.clone())));
         let deliveries = crate::iothub::deliveries::MqttDeliveries::new(broker.clone());
         devices.links.set_fallback(deliveries.clone());
         let iothub = Arc::new(crate::iothub::IotHub {
@@ -506,7 +495,7 @@ impl Server {
     /// Serves until `stop` completes, then closes every connection (MQTT 5
     /// clients get DISCONNECT 0x8B) and waits up to five seconds for them.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let tracker = Arc::new(Tracker::default());
+        let tracker = Arc::new(crate::transport::Tracker::default());
         let mut accept_tasks = Vec::new();
         let c2d = Arc::new(crate::endpoints::C2dExecutors::new(
             self.iothub.layer.links.clone(),
@@ -592,24 +581,23 @@ impl Server {
                 warn!(error = %e, "upstream queue not opened");
             }
         }
-        if let Some(l) = self.mqtt.take() {
-            accept_tasks.push(tokio::spawn(accept_loop(
-                l,
-                None,
-                self.broker.clone(),
-                self.pipeline.clone(),
-                self.iothub.clone(),
-                self.shutdown.subscribe(),
-                tracker.clone(),
-            )));
-        }
-        if let Some((l, a)) = self.mqtts.take() {
-            accept_tasks.push(tokio::spawn(accept_loop(
-                l,
-                Some(a),
-                self.broker.clone(),
-                self.pipeline.clone(),
-                self.iothub.clone(),
+        let mqtt_head: Arc<dyn crate::transport::Head> = Arc::new(crate::connection::MqttHead {
+            broker: self.broker.clone(),
+            iothub: Some(self.iothub.clone()),
+        });
+        let handshake_timeout = self.broker.limits.connect_timeout;
+        let listeners = [
+            self.mqtt.take().map(|tcp| (tcp, None)),
+            self.mqtts.take().map(|(tcp, a)| (tcp, Some(a))),
+        ];
+        for (tcp, tls) in listeners.into_iter().flatten() {
+            let listener = crate::transport::Listener {
+                tcp,
+                tls,
+                handshake_timeout,
+            };
+            accept_tasks.push(tokio::spawn(listener.run(
+                mqtt_head.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -620,21 +608,13 @@ impl Server {
         for t in accept_tasks {
             t.abort();
         }
-        let wait = async {
-            loop {
-                let idle = tracker.idle.notified();
-                if tracker.live.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                idle.await;
-            }
-        };
+        let wait = tracker.idle();
         if tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .is_err()
         {
             warn!(
-                open = tracker.live.load(Ordering::Acquire),
+                open = tracker.live(),
                 "connections still open after 5 s; exiting anyway"
             );
         }
@@ -735,75 +715,6 @@ async fn supervise_endpoints(
     while let Some((ep, handle)) = new.recv().await {
         if started.insert(handle.name().to_owned()) {
             start(ep, handle);
-        }
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    broker: Arc<Broker>,
-    pipeline: Arc<Pipeline>,
-    iothub: Arc<crate::iothub::IotHub>,
-    shutdown: watch::Receiver<bool>,
-    tracker: Arc<Tracker>,
-) {
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        tracker.live.fetch_add(1, Ordering::AcqRel);
-        let guard = Guard(tracker.clone());
-        let broker = broker.clone();
-        let pipeline = pipeline.clone();
-        let iothub = iothub.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            serve_tcp(tcp, peer, tls, broker, pipeline, iothub, shutdown).await;
-        });
-    }
-}
-
-async fn serve_tcp(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    broker: Arc<Broker>,
-    pipeline: Arc<Pipeline>,
-    iothub: Arc<crate::iothub::IotHub>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let _ = tcp.set_nodelay(true);
-    let (pipeline, iothub) = (Some(pipeline), Some(iothub));
-    match tls {
-        None => crate::connection::serve(broker, pipeline, iothub, tcp, peer, None, shutdown).await,
-        Some(acceptor) => {
-            let timeout = broker.limits.connect_timeout;
-            let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let certs = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
-            crate::connection::serve(broker, pipeline, iothub, stream, peer, certs, shutdown).await
         }
     }
 }

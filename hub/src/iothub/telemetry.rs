@@ -93,15 +93,30 @@ pub fn apply_property_bag(msg: &mut Message, bag: &str) -> Result<(), TelemetryE
     Ok(())
 }
 
-/// Builds the message for a telemetry publish by `identity` (`device` or
-/// `device/module`, as authenticated). `enqueued_time` is the hub's clock
-/// (RFC 3339), `message_id` the edge message id it assigns when the client
-/// gave none.
+/// The message of a telemetry publish by `identity` (`device` or
+/// `device/module`, as authenticated) stamped as the device layer does
+/// (`edgehub_device::telemetry::accept`) with `enqueued_time`.
 pub fn telemetry_message(
     identity: &str,
     topic: &str,
     payload: Bytes,
     enqueued_time: &str,
+) -> Result<Message, TelemetryError> {
+    let msg = parse_telemetry(identity, topic, payload)?;
+    Ok(edgehub_device::telemetry::accept(
+        msg,
+        identity,
+        enqueued_time,
+    ))
+}
+
+/// The message of a telemetry publish by `identity`, as the topic and its
+/// property bag give it: refused when the topic names another identity.
+/// The device layer stamps the identity when it accepts it.
+pub fn parse_telemetry(
+    identity: &str,
+    topic: &str,
+    payload: Bytes,
 ) -> Result<Message, TelemetryError> {
     let not = || TelemetryError::NotTelemetry(topic.to_owned());
     let rest = topic.strip_prefix("devices/").ok_or_else(not)?;
@@ -133,11 +148,7 @@ pub fn telemetry_message(
     }
     let mut msg = Message::new(payload);
     apply_property_bag(&mut msg, bag)?;
-    Ok(edgehub_device::telemetry::accept(
-        msg,
-        identity,
-        enqueued_time,
-    ))
+    Ok(msg)
 }
 
 #[cfg(test)]
