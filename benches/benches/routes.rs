@@ -47,7 +47,7 @@ fn deployment(n: usize) -> serde_json::Value {
             (format!("route{i}"), serde_json::json!({"route": r, "priority": i % 10}))
         })
         .collect();
-    serde_json::json!({"schemaVersion": "1.1", "routes": routes})
+    serde_json::json!({"schemaVersion": "1.1", "routes": routes, "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}})
 }
 
 fn bench(c: &mut Criterion) {

@@ -22,7 +22,7 @@ pub const DEFAULT_ROUTE: &str = "FROM /messages/* INTO $upstream";
 
 /// `storeAndForwardConfiguration.timeToLiveSecs` when a deployment sets none
 /// (IoT Edge's default: two hours).
-pub const DEFAULT_TTL_SECS: u32 = 7200;
+pub use edgehub_router::DEFAULT_TTL_SECS;
 
 impl Metrics {
     /// Counts what became of a submitted message.

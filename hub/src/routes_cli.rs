@@ -67,8 +67,13 @@ pub fn message_from_json(v: &serde_json::Value) -> anyhow::Result<Message> {
                     module: (*m).into(),
                     output: (*o).into(),
                 },
+                // A module message sent without an output name.
+                ["", "messages", "modules", m] => MessageSource::ModuleOutput {
+                    module: (*m).into(),
+                    output: "".into(),
+                },
                 _ => bail!(
-                    "\"source\" must be \"telemetry\", \"twinChangeNotifications\" or \"/messages/modules/<module>/outputs/<output>\", got {s:?}"
+                    "\"source\" must be \"telemetry\", \"twinChangeNotifications\", \"/messages/modules/<module>\" or \"/messages/modules/<module>/outputs/<output>\", got {s:?}"
                 ),
             }
         }
@@ -123,12 +128,31 @@ pub fn edge_hub_desired(v: &serde_json::Value) -> &serde_json::Value {
 }
 
 /// Checks every route; returns the number of errors after printing them.
+/// Each valid route is printed with the priority and time-to-live it
+/// gets; deliberate differences from IoT Edge are printed as warnings.
 pub fn check(deployment: &Path) -> anyhow::Result<usize> {
     let v = read_json(deployment)?;
-    match RouteTable::from_edge_hub_desired(edge_hub_desired(&v)) {
+    let desired = edge_hub_desired(&v);
+    match RouteTable::from_edge_hub_desired(desired) {
         Ok(t) => {
+            let global = match t.default_ttl_secs {
+                None | Some(0) => "never expires".to_owned(),
+                Some(s) => format!("{s} s"),
+            };
             for r in t.routes() {
+                let priority = match r.priority {
+                    edgehub_router::DEFAULT_PRIORITY => "default (below 0-9)".to_owned(),
+                    p => p.to_string(),
+                };
+                let ttl = match r.time_to_live_secs {
+                    Some(s) => format!("{s} s"),
+                    None => format!("{global} (global)"),
+                };
                 println!("ok    {}: {}", r.name, r.text);
+                println!("      priority {priority}, time-to-live {ttl}");
+            }
+            for w in t.divergences(desired) {
+                println!("warn  {w}");
             }
             println!("{} routes, all valid", t.routes().len());
             Ok(0)

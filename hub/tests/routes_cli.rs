@@ -113,10 +113,33 @@ fn routes_check_validates_a_deployment_manifest() {
     let (code, out, _) = edgehub(&["routes", "check", &good]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("2 routes, all valid"), "{out}");
+    assert!(
+        out.contains("priority default (below 0-9), time-to-live 7200 s (global)"),
+        "{out}"
+    );
+    assert!(out.contains("priority 0, time-to-live 60 s"), "{out}");
+    assert!(!out.contains("warn"), "{out}");
+    let diverging = write(
+        &dir,
+        "diverging.json",
+        r#"{"schemaVersion": "1.1.0", "routes": {"ev": "FROM /messages/events INTO $upstream"},
+            "storeAndForwardConfiguration": {}}"#,
+    );
+    let (code, out, _) = edgehub(&["routes", "check", &diverging]);
+    assert_eq!(code, 0, "warnings are not errors: {out}");
+    assert!(
+        out.contains("warn  route 'ev': FROM /messages/events takes device telemetry"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warn  storeAndForwardConfiguration has no timeToLiveSecs"),
+        "{out}"
+    );
     let bad = write(
         &dir,
         "bad.json",
-        r#"{"schemaVersion": "1.0", "routes": {"a": "FROM /messages INTO nowhere", "b": "FROM /messages WHERE (x = 'y' INTO $upstream"}}"#,
+        r#"{"schemaVersion": "1.0", "storeAndForwardConfiguration": {"timeToLiveSecs": 7200},
+            "routes": {"a": "FROM /messages INTO nowhere", "b": "FROM /messages WHERE (x = 'y' INTO $upstream"}}"#,
     );
     let (code, out, _) = edgehub(&["routes", "check", &bad]);
     assert_eq!(code, 1);
@@ -125,4 +148,12 @@ fn routes_check_validates_a_deployment_manifest() {
         out.contains("error route 'b': Syntax error: missing closing ')' at 1:22"),
         "{out}"
     );
+    let unversioned = write(
+        &dir,
+        "unversioned.json",
+        r#"{"routes": {"a": "FROM /* INTO $upstream"}}"#,
+    );
+    let (code, out, _) = edgehub(&["routes", "check", &unversioned]);
+    assert_eq!(code, 1);
+    assert!(out.contains("schemaVersion is missing"), "{out}");
 }

@@ -111,6 +111,7 @@ pub struct EnvValue {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeHubSettings {
+    /// `$edgeHub` schema version; "1.1" when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<String>,
     /// Route name → route text, or (schema 1.2) `{route, priority?,
@@ -118,6 +119,7 @@ pub struct EdgeHubSettings {
     #[serde(default)]
     #[schemars(schema_with = "routes_schema")]
     pub routes: BTreeMap<String, serde_json::Value>,
+    /// `timeToLiveSecs` is 7200 (IoT Edge's default) when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_and_forward_configuration: Option<StoreAndForward>,
 }

@@ -123,7 +123,8 @@ pub fn plan(spec: &EdgeDeploymentSpec, target: &Target) -> Result<Plan, Translat
     }
     if let (Some(hub), Some(settings), false) = (&hub_service, &spec.edge_hub, target.external_hub)
     {
-        let json = serde_json::to_string_pretty(settings).expect("settings serialise");
+        let json =
+            serde_json::to_string_pretty(&hub_deployment(settings)).expect("settings serialise");
         plan.config_maps.push(ConfigMap {
             metadata: meta(&format!("{hub}-deployment"), target, Some(hub)),
             data: Some(BTreeMap::from([("deployment.json".to_owned(), json)])),
@@ -131,6 +132,19 @@ pub fn plan(spec: &EdgeDeploymentSpec, target: &Target) -> Result<Plan, Translat
         });
     }
     Ok(plan)
+}
+
+/// The hub's deployment file: the EdgeDeployment's `edgeHub` settings with
+/// what IoT Edge requires of `$edgeHub` filled in where the resource leaves
+/// it out (schema 1.1, IoT Edge's default time-to-live of two hours).
+fn hub_deployment(settings: &crate::crd::EdgeHubSettings) -> crate::crd::EdgeHubSettings {
+    let mut s = settings.clone();
+    s.schema_version.get_or_insert_with(|| "1.1".to_owned());
+    let saf = s
+        .store_and_forward_configuration
+        .get_or_insert_with(Default::default);
+    saf.time_to_live_secs.get_or_insert(7200);
+    s
 }
 
 fn meta(name: &str, target: &Target, module: Option<&str>) -> ObjectMeta {
@@ -719,6 +733,12 @@ mod tests {
             p.config_maps[0].metadata.name.as_deref(),
             Some("edgehub-deployment")
         );
+        // What IoT Edge requires of $edgeHub is filled in when left out.
+        let file: serde_json::Value =
+            serde_json::from_str(&p.config_maps[0].data.as_ref().unwrap()["deployment.json"])
+                .unwrap();
+        assert_eq!(file["schemaVersion"], "1.1");
+        assert_eq!(file["storeAndForwardConfiguration"]["timeToLiveSecs"], 7200);
         assert_eq!(p.service_accounts.len(), 1);
     }
 

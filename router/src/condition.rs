@@ -295,37 +295,55 @@ fn operand_error(
     )
 }
 
+/// A `$body` path as IoT Edge's JSON-path validator takes it: names
+/// separated by `.`, each optionally followed by one `[index]`
+/// (`a.b[0].c`). No empty name, no trailing `.`, no quoted or empty
+/// brackets, no two indexes in a row.
 fn parse_body_path(path: &str) -> Option<Vec<Step>> {
+    // The lexer's identifier characters without '.': the separator here.
+    let name_char = |c: char| crate::syntax::is_id_char(c) && c != '.';
     let mut steps = Vec::new();
     for seg in path.split('.') {
-        let (name, mut rest) = match seg.find('[') {
-            Some(i) => (&seg[..i], &seg[i..]),
-            None => (seg, ""),
+        let (name, index) = match seg.split_once('[') {
+            Some((n, rest)) => (n, Some(rest.strip_suffix(']')?)),
+            None => (seg, None),
         };
-        if name.is_empty() && steps.is_empty() {
+        if name.is_empty() || !name.chars().all(name_char) {
             return None;
         }
-        if !name.is_empty() {
-            steps.push(Step::Key(name.into()));
-        }
-        while !rest.is_empty() {
-            let close = rest.find(']')?;
-            let inner = &rest[1..close];
-            let inner_unquoted = inner
-                .strip_prefix('\'')
-                .and_then(|s| s.strip_suffix('\''))
-                .or_else(|| inner.strip_prefix('"').and_then(|s| s.strip_suffix('"')));
-            match inner_unquoted {
-                Some(key) => steps.push(Step::Key(key.into())),
-                None => steps.push(Step::Index(inner.parse().ok()?)),
-            }
-            rest = &rest[close + 1..];
-            if !rest.is_empty() && !rest.starts_with('[') {
+        steps.push(Step::Key(name.into()));
+        if let Some(i) = index {
+            if i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
+            steps.push(Step::Index(i.parse().ok()?));
         }
     }
-    (!steps.is_empty()).then_some(steps)
+    Some(steps)
+}
+
+/// The argument of `twin_change_includes`: one identifier (no brackets),
+/// a valid path under `properties.reported.`, `properties.desired.` or
+/// `tags.`, as IoT Edge's twin-change path validator requires.
+fn parse_twin_path(raw: &str) -> Result<Vec<Step>, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Err("expected a property path such as properties.reported.temperature".into());
+    }
+    let prefixed = ["properties.reported.", "properties.desired.", "tags."]
+        .iter()
+        .any(|p| raw.len() > p.len() && raw[..p.len()].eq_ignore_ascii_case(p));
+    if raw.contains(['[', ']']) || !raw.chars().all(crate::syntax::is_id_char) {
+        return Err(format!(
+            "'{raw}' is not a property path (names separated by '.', no indexes)"
+        ));
+    }
+    if !prefixed {
+        return Err(format!(
+            "'{raw}' is not supported. Supported prefixes: 'properties.reported.', 'properties.desired.', 'tags.'"
+        ));
+    }
+    parse_body_path(raw).ok_or_else(|| format!("'{raw}' is not a valid property path"))
 }
 
 fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type) {
@@ -354,7 +372,7 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
                         errors.push(ctx.parser.error_at(
                             node.start,
                             format!(
-                                "Invalid body query '{text}': expected $body.name[.name|[index]]…"
+                                "Invalid body query '{text}': expected $body.name[index].name… (names separated by '.', each with at most one numeric [index])"
                             ),
                         ));
                         failed
@@ -505,12 +523,17 @@ fn compile(ctx: &Ctx, node: &Node, errors: &mut Vec<SyntaxError>) -> (Expr, Type
                     ));
                     return failed;
                 }
-                return match parse_body_path(raw) {
-                    Some(steps) if args.len() == 1 => (Expr::TwinChangeIncludes(steps), Type::Bool),
-                    _ => {
+                let parsed = if args.len() == 1 {
+                    parse_twin_path(raw)
+                } else {
+                    Err("expected one property path such as properties.reported.temperature".into())
+                };
+                return match parsed {
+                    Ok(steps) => (Expr::TwinChangeIncludes(steps), Type::Bool),
+                    Err(why) => {
                         errors.push(ctx.parser.error_at(
                             node.start,
-                            format!("Invalid arguments to built-in function '{name}': expected a property path such as properties.reported.temperature"),
+                            format!("Invalid arguments to built-in function '{name}': {why}"),
                         ));
                         failed
                     }
@@ -675,7 +698,9 @@ fn eval<'a>(e: &'a Expr, msg: &'a Message) -> Value<'a> {
             let Some(body) = msg.body_json() else {
                 return Value::Undefined;
             };
-            Value::Bool(walk(body, steps).is_some())
+            // As IoT Edge: a present, non-null value is a change; a
+            // missing or null one is not.
+            Value::Bool(walk(body, steps).is_some_and(|v| !v.is_null()))
         }
         Expr::Neg(inner) => match eval(inner, msg) {
             Value::Number(v) => number(-v),

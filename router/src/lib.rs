@@ -15,5 +15,6 @@ pub use condition::{CompileErrors, Condition, Type, Value};
 pub use message::{Message, MessageSource, SystemProperty};
 pub use route::{
     Decision, Endpoint, Route, RouteError, RouteTable, SharedRouteTable, Source, DEFAULT_PRIORITY,
+    DEFAULT_TTL_SECS,
 };
 pub use syntax::{Pos, SyntaxError};

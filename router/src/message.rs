@@ -231,12 +231,14 @@ impl Message {
 }
 
 fn decode_text(body: &[u8], encoding: &str) -> Option<String> {
-    let enc = encoding.to_ascii_lowercase().replace('-', "");
+    // Exactly the names IoT Edge knows (any case); others leave `$body`
+    // undefined, as there.
+    let enc = encoding.to_ascii_lowercase();
     match enc.as_str() {
-        "utf8" => std::str::from_utf8(body)
+        "utf-8" => std::str::from_utf8(body)
             .ok()
             .map(|s| s.trim_start_matches('\u{feff}').to_owned()),
-        "utf16" | "utf16le" => {
+        "utf-16" => {
             if !body.len().is_multiple_of(2) {
                 return None;
             }
@@ -248,7 +250,7 @@ fn decode_text(body: &[u8], encoding: &str) -> Option<String> {
                 .ok()
                 .map(|s| s.trim_start_matches('\u{feff}').to_owned())
         }
-        "utf32" | "utf32le" => {
+        "utf-32" => {
             if !body.len().is_multiple_of(4) {
                 return None;
             }

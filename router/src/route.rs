@@ -10,6 +10,10 @@ use crate::condition::{CompileErrors, Condition};
 use crate::message::{Message, MessageSource};
 use crate::syntax::{lex, pos_at, SyntaxError, Tok};
 
+/// `storeAndForwardConfiguration.timeToLiveSecs` IoT Edge documents as its
+/// default (two hours).
+pub const DEFAULT_TTL_SECS: u32 = 7200;
+
 /// Priority of schema 1.0 string routes: below every explicit 0-9.
 pub const DEFAULT_PRIORITY: u32 = u32::MAX;
 
@@ -33,13 +37,21 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// A route source, kept as its lower-cased path segments with trailing `*`
-/// and `/` trimmed; it matches a message whose source path starts with the
-/// same whole segments (so `/messages/modules/m1*` does not match `m10`).
+/// A route source: any path the grammar takes (`/` followed by `/`-separated
+/// items, each `*` or an identifier), matched as IoT Edge matches it. The
+/// text is normalized once (trailing `*` trimmed, then a trailing `/`, then
+/// one `/` appended) and a message matches when that is a case-insensitive
+/// prefix of its own source path: `/messages/events/` for device telemetry,
+/// `/messages/modules/<m>/outputs/<o>/` for a module output,
+/// `/messages/modules/<m>/` for a module message without an output name,
+/// `/twinChangeNotifications/` for twin change notifications. So
+/// `/messages/modules/m1*` takes module `m1` and not `m10`, and a path that
+/// names nothing the hub sends (`/foo`) is valid and matches nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
     text: String,
-    segments: Vec<String>,
+    /// The normalized prefix, lower-cased, ending in `/`.
+    prefix: String,
 }
 
 impl Source {
@@ -47,31 +59,38 @@ impl Source {
         &self.text
     }
 
-    fn is_twin(&self) -> bool {
-        self.segments
-            .first()
-            .is_some_and(|s| s == "twinchangenotifications")
+    /// The normalized prefix messages are matched against.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
-    fn parse(text: &str) -> Option<Source> {
-        let trimmed = text.trim_end_matches(['*', '/']);
-        let segments: Vec<String> = trimmed.split('/').skip(1).map(|s| s.to_owned()).collect();
-        if !text.starts_with('/') || segments.iter().any(|s| s.is_empty() || s.contains('*')) {
+    fn is_twin(&self) -> bool {
+        self.prefix == "/twinchangenotifications/"
+    }
+
+    /// Whether IoT Edge 1.1 and later take device telemetry with this
+    /// source while edgehub does (`/messages/events`: IoT Edge 1.0's
+    /// telemetry path, which later versions shortened to `/messages`).
+    pub fn names_events_path(&self) -> bool {
+        self.prefix.starts_with("/messages/events/")
+    }
+
+    pub fn parse(text: &str) -> Option<Source> {
+        let rest = text.strip_prefix('/')?;
+        if rest
+            .split('/')
+            .any(|item| item.is_empty() || !item.chars().all(crate::syntax::is_id_char))
+        {
             return None;
         }
-        let lower: Vec<String> = segments.iter().map(|s| s.to_lowercase()).collect();
-        let kw = |i: usize, w: &str| lower.get(i).map(String::as_str) == Some(w);
-        let ok = match lower.len() {
-            0 => true,
-            1 => kw(0, "messages") || kw(0, "twinchangenotifications"),
-            2 => kw(0, "messages") && kw(1, "modules"),
-            3 => kw(0, "messages") && kw(1, "modules"),
-            4 | 5 => kw(0, "messages") && kw(1, "modules") && kw(3, "outputs"),
-            _ => false,
-        };
-        ok.then(|| Source {
+        let mut p = text.trim_end_matches('*');
+        if p.len() > 1 {
+            p = p.trim_end_matches('/');
+        }
+        let prefix = format!("{}/", p.trim_end_matches('/')).to_lowercase();
+        Some(Source {
             text: text.to_owned(),
-            segments: lower,
+            prefix,
         })
     }
 
@@ -80,19 +99,46 @@ impl Source {
         let m: [&str; 5];
         let path: &[&str] = match source {
             None | Some(MessageSource::Telemetry) => &["messages", "events"],
+            Some(MessageSource::ModuleOutput { module, output }) if output.is_empty() => {
+                m = ["messages", "modules", module, "", ""];
+                &m[..3]
+            }
             Some(MessageSource::ModuleOutput { module, output }) => {
                 m = ["messages", "modules", module, "outputs", output];
                 &m
             }
-            Some(MessageSource::TwinChangeNotification) => &["twinchangenotifications"],
+            Some(MessageSource::TwinChangeNotification) => &["twinChangeNotifications"],
         };
-        self.segments.len() <= path.len()
-            && self
-                .segments
-                .iter()
-                .zip(path)
-                .all(|(a, b)| a.eq_ignore_ascii_case(b))
+        is_prefix_of_path(self.prefix.as_bytes(), path)
     }
+}
+
+/// Whether `prefix` starts `/p0/p1/…/pn/` (ASCII case-insensitively),
+/// without building that string: this runs per route per message.
+fn is_prefix_of_path(prefix: &[u8], parts: &[&str]) -> bool {
+    let mut rest = prefix;
+    // Consumes `s` from `rest`; `Some(true)`: the prefix ended inside it.
+    let mut take = |s: &[u8]| -> Option<bool> {
+        let n = rest.len().min(s.len());
+        if !rest[..n].eq_ignore_ascii_case(&s[..n]) {
+            return None;
+        }
+        rest = &rest[n..];
+        Some(rest.is_empty())
+    };
+    for part in parts {
+        match take(b"/") {
+            None => return false,
+            Some(true) => return true,
+            Some(false) => {}
+        }
+        match take(part.as_bytes()) {
+            None => return false,
+            Some(true) => return true,
+            Some(false) => {}
+        }
+    }
+    take(b"/") == Some(true)
 }
 
 /// A compiled route.
@@ -179,7 +225,7 @@ impl Route {
                 text,
                 i,
                 format!(
-                    "invalid source '{src_text}': expected /*, /messages, /messages/*, /messages/modules/<module>[/outputs/<output>|/outputs/*] or /twinChangeNotifications"
+                    "invalid source '{src_text}': expected a path such as /messages/*, /messages/modules/<module>/outputs/* or /twinChangeNotifications (a '/' followed by non-empty items, no trailing '/')"
                 ),
             )
         })?;
@@ -224,8 +270,8 @@ impl Route {
             None
         };
         let sink_at = skip_ws(text, into + 4);
-        let endpoint = parse_sink(text[sink_at..].trim_end())
-            .ok_or_else(|| err(name, text, sink_at, "invalid sink: expected $upstream or BrokeredEndpoint(\"/modules/<module>/inputs/<input>\")"))?;
+        let endpoint =
+            parse_sink(text[sink_at..].trim_end()).map_err(|m| err(name, text, sink_at, m))?;
         Ok(Route {
             name: name.to_owned(),
             text: text.to_owned(),
@@ -244,38 +290,63 @@ impl Route {
     }
 }
 
-fn parse_sink(s: &str) -> Option<Endpoint> {
-    if s.eq_ignore_ascii_case("$upstream") {
-        return Some(Endpoint::Upstream);
+/// The sink after INTO: `$upstream`, or `BrokeredEndpoint("<address>")` read
+/// as IoT Edge's endpoint factory reads it: the address trimmed, one
+/// leading and one trailing `/` dropped, four `/`-separated parts, the
+/// module second and the input fourth (`/modules/<m>/inputs/<i>`).
+fn parse_sink(s: &str) -> Result<Endpoint, String> {
+    let expected = "expected $upstream or BrokeredEndpoint(\"/modules/<module>/inputs/<input>\")";
+    if s.starts_with('$') {
+        return if s.eq_ignore_ascii_case("$upstream") {
+            Ok(Endpoint::Upstream)
+        } else {
+            Err(format!(
+                "system endpoint '{s}' is not supported: {expected}"
+            ))
+        };
     }
-    let prefix = "brokeredendpoint";
-    if s.len() <= prefix.len() || !s[..prefix.len()].eq_ignore_ascii_case(prefix) {
-        return None;
+    let func_len = s
+        .char_indices()
+        .find(|(_, c)| !crate::syntax::is_id_char(*c))
+        .map_or(s.len(), |(i, _)| i);
+    let (func, rest) = s.split_at(func_len);
+    if func.is_empty() || !rest.trim_start().starts_with('(') {
+        return Err(format!("invalid sink '{s}': {expected}"));
     }
-    let inner = s[prefix.len()..]
+    if !func.eq_ignore_ascii_case("brokeredendpoint") {
+        return Err(format!(
+            "function endpoint '{func}' is not supported: {expected}"
+        ));
+    }
+    let inner = rest
         .trim_start()
-        .strip_prefix('(')?
-        .strip_suffix(')')?
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| format!("invalid sink: {expected}"))?
         .trim();
-    let path = inner
+    let address = inner
         .strip_prefix('"')
         .and_then(|p| p.strip_suffix('"'))
-        .or_else(|| inner.strip_prefix('\'').and_then(|p| p.strip_suffix('\'')))?;
+        .or_else(|| inner.strip_prefix('\'').and_then(|p| p.strip_suffix('\'')))
+        .ok_or_else(|| format!("invalid sink: the address must be a quoted string: {expected}"))?;
+    let mut path = address.trim();
+    path = path.strip_prefix('/').unwrap_or(path);
+    path = path.strip_suffix('/').unwrap_or(path);
     let parts: Vec<&str> = path.split('/').collect();
-    match parts.as_slice() {
-        ["", modules, m, inputs, i]
-            if modules.eq_ignore_ascii_case("modules")
-                && inputs.eq_ignore_ascii_case("inputs")
-                && !m.is_empty()
-                && !i.is_empty() =>
-        {
-            Some(Endpoint::ModuleInput {
-                module: (*m).into(),
-                input: (*i).into(),
-            })
-        }
-        _ => None,
+    let [_, module, _, input] = parts.as_slice() else {
+        return Err(format!(
+            "BrokeredEndpoint address '{address}' could not be parsed: expected /modules/<module>/inputs/<input>"
+        ));
+    };
+    if module.is_empty() || input.is_empty() {
+        return Err(format!(
+            "BrokeredEndpoint address '{address}' names no module or no input"
+        ));
     }
+    Ok(Endpoint::ModuleInput {
+        module: (*module).into(),
+        input: (*input).into(),
+    })
 }
 
 /// Where one message goes: each endpoint once, with the winning route's
@@ -337,50 +408,79 @@ impl RouteTable {
         out
     }
 
-    /// Builds the table from `$edgeHub` desired properties (schema 1.0 or 1.1):
-    /// `routes` maps names to route strings or (1.1) to
-    /// `{route, priority 0-9, timeToLiveSecs}`. Every route is checked; all
-    /// errors are returned.
+    /// Builds the table from `$edgeHub` desired properties as IoT Edge's
+    /// config parser reads them. `schemaVersion` is required and read as a
+    /// version (`1.0` … `1.3`, a patch or revision number allowed: `1.1.0`);
+    /// `storeAndForwardConfiguration` is required. Schema 1.0 maps names to
+    /// route strings (whitespace-only ones are skipped); 1.1 and later also
+    /// to `{route, priority 0-9, timeToLiveSecs}` and refuse an empty route
+    /// name or route. A route `timeToLiveSecs` of 0 means the global one; a
+    /// negative global one means messages never expire. Every route is
+    /// checked; all errors are returned.
     pub fn from_edge_hub_desired(
         desired: &serde_json::Value,
     ) -> Result<RouteTable, Vec<RouteError>> {
         let dep = |m: String| vec![RouteError::Deployment(m)];
-        let schema = desired
-            .get("schemaVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or("1.0");
-        let v11 = match schema {
-            "1.0" => false,
-            "1.1" | "1.2" => true,
-            other => {
-                return Err(dep(format!(
-                    "unsupported schemaVersion '{other}' (expected 1.0, 1.1 or 1.2)"
-                )))
+        let minor = match desired.get("schemaVersion") {
+            None | Some(serde_json::Value::Null) => {
+                return Err(dep(
+                    "schemaVersion is missing (IoT Edge requires it in $edgeHub's desired properties, e.g. \"1.1\")".into(),
+                ))
+            }
+            Some(v) => {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                schema_minor(&text).map_err(dep)?
             }
         };
-        let routes = desired
-            .get("routes")
-            .and_then(|r| r.as_object())
-            .ok_or_else(|| dep("'routes' must be an object of name → route".into()))?;
-        let default_ttl_secs = match desired
-            .get("storeAndForwardConfiguration")
-            .and_then(|s| s.get("timeToLiveSecs"))
-        {
-            None => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|v| u32::try_from(v).ok())
-                    .ok_or_else(|| dep("storeAndForwardConfiguration.timeToLiveSecs must be a non-negative integer".into()))?,
-            ),
+        let v11 = minor >= 1;
+        let routes = match desired.get("routes") {
+            Some(serde_json::Value::Object(o)) => Some(o),
+            None | Some(serde_json::Value::Null) if !v11 => None,
+            _ => return Err(dep("'routes' must be an object of name → route".into())),
+        };
+        let default_ttl_secs = match desired.get("storeAndForwardConfiguration") {
+            Some(serde_json::Value::Object(saf)) => match saf.get("timeToLiveSecs") {
+                // Absent, IoT Edge reads 0 and drops messages at once;
+                // its documented default is kept instead (`routes check`
+                // warns).
+                None => Some(DEFAULT_TTL_SECS),
+                Some(v) => match v.as_i64().and_then(|v| i32::try_from(v).ok()) {
+                    Some(t) if t < 0 => None,
+                    Some(t) => Some(t as u32),
+                    None => {
+                        return Err(dep(format!(
+                            "storeAndForwardConfiguration.timeToLiveSecs must be a 32-bit integer, got {v}"
+                        )))
+                    }
+                },
+            },
+            None | Some(serde_json::Value::Null) => {
+                return Err(dep(
+                    "storeAndForwardConfiguration is missing (IoT Edge requires it, e.g. {\"timeToLiveSecs\": 7200})".into(),
+                ))
+            }
+            Some(_) => {
+                return Err(dep(
+                    "storeAndForwardConfiguration must be an object such as {\"timeToLiveSecs\": 7200}".into(),
+                ))
+            }
         };
         let mut out = Vec::new();
         let mut errors = Vec::new();
-        for (name, spec) in routes {
+        for (name, spec) in routes.into_iter().flatten() {
             let invalid = |message: String| RouteError::Invalid {
                 route: name.clone(),
                 message,
             };
+            if v11 && name.trim().is_empty() {
+                errors.push(invalid("empty route name".into()));
+                continue;
+            }
             let (text, priority, ttl) = match spec {
+                serde_json::Value::String(s) if !v11 && s.trim().is_empty() => continue,
                 serde_json::Value::String(s) => (s.as_str(), DEFAULT_PRIORITY, None),
                 serde_json::Value::Object(o) if v11 => {
                     let Some(text) = o.get("route").and_then(|r| r.as_str()) else {
@@ -388,7 +488,7 @@ impl RouteTable {
                         continue;
                     };
                     let priority = match o.get("priority") {
-                        None => DEFAULT_PRIORITY,
+                        None | Some(serde_json::Value::Null) => DEFAULT_PRIORITY,
                         Some(p) => match p.as_u64() {
                             Some(p) if p <= 9 => p as u32,
                             _ => {
@@ -400,8 +500,10 @@ impl RouteTable {
                         },
                     };
                     let ttl = match o.get("timeToLiveSecs") {
-                        None => None,
+                        None | Some(serde_json::Value::Null) => None,
                         Some(t) => match t.as_u64().and_then(|t| u32::try_from(t).ok()) {
+                            // 0: not set, the global time-to-live applies.
+                            Some(0) => None,
                             Some(t) => Some(t),
                             None => {
                                 errors.push(invalid(format!(
@@ -422,6 +524,10 @@ impl RouteTable {
                     continue;
                 }
             };
+            if text.trim().is_empty() {
+                errors.push(invalid("the route is empty".into()));
+                continue;
+            }
             match Route::parse(name, text) {
                 Ok(mut r) => {
                     r.priority = priority;
@@ -439,6 +545,96 @@ impl RouteTable {
         } else {
             Err(errors)
         }
+    }
+}
+
+impl RouteTable {
+    /// Where edgehub reads this deployment differently from IoT Edge, on
+    /// purpose (the router's README says why), one line each, for
+    /// `edgehub routes check` to warn about. `desired` is what the table was
+    /// built from.
+    pub fn divergences(&self, desired: &serde_json::Value) -> Vec<String> {
+        let mut out = Vec::new();
+        match desired.pointer("/storeAndForwardConfiguration/timeToLiveSecs") {
+            None => out.push(format!(
+                "storeAndForwardConfiguration has no timeToLiveSecs: IoT Edge reads 0; edgehub keeps messages for the documented default of {DEFAULT_TTL_SECS} s"
+            )),
+            Some(v) if v.as_i64() == Some(0) => out.push(
+                "storeAndForwardConfiguration.timeToLiveSecs is 0: edgehub keeps messages until they are delivered (no expiry); IoT Edge reads it as a zero time-to-live".into(),
+            ),
+            Some(_) => {}
+        }
+        for r in &self.routes {
+            if r.source.names_events_path() {
+                out.push(format!(
+                    "route '{}': FROM {} takes device telemetry here, as IoT Edge 1.0 did; IoT Edge 1.1 and later match nothing with it (for device telemetry only, write FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId))",
+                    r.name,
+                    r.source.as_str()
+                ));
+            }
+            let lower = r.text.to_ascii_lowercase();
+            if lower.contains("$body") && has_iso_date_literal(&r.text) {
+                out.push(format!(
+                    "route '{}': compares with an ISO-8601 date string; edgehub keeps date-like JSON strings as strings, IoT Edge turns them into dates, so there such comparisons are undefined",
+                    r.name
+                ));
+            }
+            if lower.contains("is_null(") && lower.contains("$body") {
+                out.push(format!(
+                    "route '{}': is_null on a $body value is true here for a JSON null; IoT Edge compares by reference, so it may answer differently",
+                    r.name
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Whether `text` holds a quoted literal that starts like an ISO-8601 date
+/// and time (`'2024-01-31T…`).
+fn has_iso_date_literal(text: &str) -> bool {
+    let b = text.as_bytes();
+    (0..b.len()).any(|i| {
+        matches!(b[i], b'\'' | b'"')
+            && b.len() >= i + 12
+            && b[i + 1..i + 5].iter().all(u8::is_ascii_digit)
+            && b[i + 5] == b'-'
+            && b[i + 6..i + 8].iter().all(u8::is_ascii_digit)
+            && b[i + 8] == b'-'
+            && b[i + 9..i + 11].iter().all(u8::is_ascii_digit)
+            && b[i + 11] == b'T'
+    })
+}
+
+/// The minor version of an `$edgeHub` schemaVersion, read as .NET reads a
+/// version (two to four dot-separated non-negative integers); IoT Edge
+/// knows 1.0 to 1.3.
+fn schema_minor(text: &str) -> Result<u32, String> {
+    let bad = || {
+        format!(
+            "schemaVersion '{text}' is not a version (expected major.minor[.build[.revision]], e.g. \"1.1\")"
+        )
+    };
+    let parts: Vec<&str> = text.split('.').collect();
+    if !(2..=4).contains(&parts.len()) {
+        return Err(bad());
+    }
+    let nums: Vec<u32> = parts
+        .iter()
+        .map(|p| {
+            let p = p.trim();
+            let p = p.strip_prefix('+').unwrap_or(p);
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            p.parse::<u32>().map_err(|_| bad())
+        })
+        .collect::<Result<_, _>>()?;
+    match (nums[0], nums[1]) {
+        (1, minor @ 0..=3) => Ok(minor),
+        _ => Err(format!(
+            "unsupported schemaVersion '{text}' (IoT Edge's $edgeHub schemas are 1.0 to 1.3)"
+        )),
     }
 }
 

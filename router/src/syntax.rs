@@ -157,7 +157,7 @@ fn is_path_char(c: char) -> bool {
 }
 
 /// Identifier characters: path characters minus `[` and `]` (`ID_CHARS`).
-fn is_id_char(c: char) -> bool {
+pub(crate) fn is_id_char(c: char) -> bool {
     is_path_char(c) && c != '[' && c != ']'
 }
 

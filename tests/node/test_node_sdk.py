@@ -138,7 +138,7 @@ def test_telemetry_with_properties_is_stored_as_sent(gateway, scenario):
 
 def test_module_output_reaches_another_modules_input_through_a_route(start_hub, tmp_path):
     routes = tmp_path / "routes.json"
-    routes.write_text(json.dumps({"routes": {
+    routes.write_text(json.dumps({"schemaVersion": "1.1", "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}, "routes": {
         "m2m": 'FROM /messages/modules/node-mod/outputs/out1 INTO BrokeredEndpoint("/modules/node-mod2/inputs/in1")',
     }}))
     gateway = start_gateway(start_hub, tmp_path, "--routes", str(routes))

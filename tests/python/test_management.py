@@ -94,6 +94,10 @@ def test_deployment_routes_apply_live_and_survive_restarts(start_hub):
     code, err = status_of(hub, "PUT", "/deployment", manifest({"bad": "FROM /messages/* WHERE INTO $upstream"}))
     assert code == 400 and "1:" in err["error"]
     code, err = status_of(hub, "PUT", "/deployment", {"modulesContent": {"$edgeHub": {"properties.desired": {}}}})
+    assert code == 400 and "schemaVersion is missing" in err["error"]
+    no_routes = manifest({})
+    del no_routes["modulesContent"]["$edgeHub"]["properties.desired"]["routes"]
+    code, err = status_of(hub, "PUT", "/deployment", no_routes)
     assert code == 400 and "routes" in err["error"]
     assert hub.api("GET", "/deployment")["modulesContent"]["$edgeHub"]["properties.desired"]["routes"] == \
         {"onlyB": "FROM /messages/* WHERE kind = 'b' INTO $upstream"}

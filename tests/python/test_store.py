@@ -27,9 +27,9 @@ def identities(tmp_path):
 
 
 def routes_file(tmp_path, routes, ttl=None):
-    desired = {"schemaVersion": "1.1", "routes": routes}
-    if ttl is not None:
-        desired["storeAndForwardConfiguration"] = {"timeToLiveSecs": ttl}
+    # No ttl: a negative time-to-live, which IoT Edge and edgehub read as "never expires".
+    desired = {"schemaVersion": "1.1", "routes": routes,
+               "storeAndForwardConfiguration": {"timeToLiveSecs": -1 if ttl is None else ttl}}
     p = tmp_path / "routes.json"
     p.write_text(json.dumps(desired))
     return str(p)

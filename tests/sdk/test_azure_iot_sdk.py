@@ -238,7 +238,7 @@ def test_direct_method_round_trip_offline_and_silent(gateway):
 
 def test_module_output_reaches_another_modules_input(start_hub, tmp_path):
     routes = tmp_path / "routes.json"
-    routes.write_text(json.dumps({"routes": {
+    routes.write_text(json.dumps({"schemaVersion": "1.1", "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}, "routes": {
         "m2m": 'FROM /messages/modules/sdk-mod/outputs/out1 INTO BrokeredEndpoint("/modules/sdk-mod2/inputs/in1")',
         "up": "FROM /messages/* WHERE NOT IS_DEFINED($connectionModuleId) INTO $upstream",
     }}))

@@ -47,9 +47,20 @@ fn route_errors_are_positioned() {
         e("FRM /messages INTO $upstream"),
         "route 'r': Syntax error: expected FROM at 1:1"
     );
-    assert!(e("FROM /devices INTO $upstream").starts_with("route 'r': invalid source '/devices'"));
-    assert!(e("FROM /messages INTO $elsewhere").contains("invalid sink"));
-    assert!(e("FROM /messages INTO BrokeredEndpoint(\"/modules/m\")").contains("invalid sink"));
+    assert!(e("FROM / INTO $upstream").starts_with("route 'r': invalid source '/'"));
+    assert!(e("FROM /messages/ INTO $upstream").contains("invalid source"));
+    assert!(e("FROM messages INTO $upstream").contains("invalid source"));
+    assert!(e("FROM /messages INTO $elsewhere")
+        .contains("system endpoint '$elsewhere' is not supported"));
+    assert!(e("FROM /messages INTO Elsewhere(\"/modules/m/inputs/i\")")
+        .contains("function endpoint 'Elsewhere' is not supported"));
+    assert!(
+        e("FROM /messages INTO BrokeredEndpoint(\"/modules/m\")").contains("could not be parsed")
+    );
+    assert!(
+        e("FROM /messages INTO BrokeredEndpoint(\"/modules//inputs/i\")")
+            .contains("names no module")
+    );
     // Condition errors point into the route text.
     assert_eq!(
         e("FROM /messages WHERE temp > 5 INTO $upstream"),
@@ -63,15 +74,17 @@ fn route_errors_are_positioned() {
 }
 
 #[test]
-fn sources_match_whole_segments_case_insensitively() {
+fn sources_match_as_iot_edge_prefixes() {
     let src = |s: &str| Source::parse(s).unwrap_or_else(|| panic!("{s}"));
     let telemetry = Message::new("x");
     let m1 = module_output("m1", "out");
     let m10 = module_output("m10", "out");
+    let no_output = module_output("m1", "");
     let twin = Message::new("{}").with_source(MessageSource::TwinChangeNotification);
     assert!(src("/*").matches(telemetry.source.as_ref()));
     assert!(src("/*").matches(twin.source.as_ref()));
     assert!(src("/messages").matches(telemetry.source.as_ref()));
+    assert!(src("/messages/events").matches(telemetry.source.as_ref()));
     assert!(src("/messages/*").matches(m1.source.as_ref()));
     assert!(!src("/messages/*").matches(twin.source.as_ref()));
     assert!(!src("/messages/modules/*").matches(telemetry.source.as_ref()));
@@ -82,8 +95,23 @@ fn sources_match_whole_segments_case_insensitively() {
     assert!(src("/messages/modules/m1/outputs/out").matches(m1.source.as_ref()));
     assert!(!src("/messages/modules/m1/outputs/other").matches(m1.source.as_ref()));
     assert!(src("/twinChangeNotifications").matches(twin.source.as_ref()));
-    assert!(Source::parse("/messages/modules/m1/inputs/x").is_none());
-    assert!(Source::parse("messages").is_none());
+    // A module message without an output name is the module's, under no output.
+    assert!(src("/messages/modules/m1").matches(no_output.source.as_ref()));
+    assert!(src("/messages/modules/m1/*").matches(no_output.source.as_ref()));
+    assert!(!src("/messages/modules/m1/outputs/*").matches(no_output.source.as_ref()));
+    // Any path the grammar takes is valid; it matches what it matches.
+    assert!(!src("/devices").matches(telemetry.source.as_ref()));
+    assert!(!src("/messages/modules/m1/inputs/x").matches(m1.source.as_ref()));
+    for bad in [
+        "messages",
+        "/",
+        "/messages/",
+        "//messages",
+        "/messages//x",
+        "/a(b",
+    ] {
+        assert!(Source::parse(bad).is_none(), "{bad}");
+    }
 }
 
 #[test]
@@ -132,7 +160,9 @@ fn fan_out_dedups_per_endpoint_lowest_priority_wins() {
     );
     // Unrouted: nothing matches.
     let t = RouteTable::from_edge_hub_desired(&serde_json::json!({
-        "routes": {"r": "FROM /messages/modules/other/* INTO $upstream"}
+        "schemaVersion": "1.0",
+        "routes": {"r": "FROM /messages/modules/other/* INTO $upstream"},
+        "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
     }))
     .unwrap();
     assert!(t.route(&msg(1.0)).is_empty());
@@ -147,7 +177,8 @@ fn deployment_errors_name_every_bad_route() {
             "bad1": "FROM /messages/* WHERE a > 1 INTO $upstream",
             "bad2": {"route": "FROM /messages/* INTO $upstream", "priority": 12},
             "bad3": 5
-        }
+        },
+        "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
     });
     let errors = RouteTable::from_edge_hub_desired(&desired).unwrap_err();
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -162,7 +193,8 @@ fn deployment_errors_name_every_bad_route() {
     // Route objects need schema 1.1.
     let e = RouteTable::from_edge_hub_desired(&serde_json::json!({
         "schemaVersion": "1.0",
-        "routes": {"r": {"route": "FROM /* INTO $upstream"}}
+        "routes": {"r": {"route": "FROM /* INTO $upstream"}},
+        "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
     }))
     .unwrap_err();
     assert!(e[0].to_string().contains("schemaVersion 1.1"));
@@ -203,4 +235,36 @@ fn table_swaps_atomically() {
     shared.replace(RouteTable::default());
     assert_eq!(before.routes().len(), 1, "a loaded table stays intact");
     assert!(shared.load().routes().is_empty());
+}
+
+#[test]
+fn divergences_are_named_for_routes_check() {
+    let desired = serde_json::json!({
+        "schemaVersion": "1.1",
+        "routes": {
+            "events": "FROM /messages/events INTO $upstream",
+            "date": "FROM /messages/* WHERE $body.time > '2024-01-31T00:00:00Z' INTO $upstream",
+            "null": "FROM /messages/* WHERE is_null($body.x) INTO $upstream",
+            "plain": "FROM /messages/* WHERE $body.x = 'abc' INTO $upstream"
+        },
+        "storeAndForwardConfiguration": {"timeToLiveSecs": 0}
+    });
+    let t = RouteTable::from_edge_hub_desired(&desired).unwrap();
+    let d = t.divergences(&desired);
+    assert_eq!(d.len(), 4, "{d:#?}");
+    assert!(d[0].contains("timeToLiveSecs is 0"));
+    for name in ["events", "date", "null"] {
+        assert!(
+            d.iter().any(|l| l.starts_with(&format!("route '{name}'"))),
+            "{name}: {d:#?}"
+        );
+    }
+    assert!(!d.iter().any(|l| l.contains("'plain'")));
+    let quiet = serde_json::json!({
+        "schemaVersion": "1.1",
+        "routes": {"r": "FROM /messages/* INTO $upstream"},
+        "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}
+    });
+    let t = RouteTable::from_edge_hub_desired(&quiet).unwrap();
+    assert!(t.divergences(&quiet).is_empty());
 }
