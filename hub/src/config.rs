@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_MQTTS_LISTEN", default_value = "0.0.0.0:8883")]
     pub mqtts_listen: SocketAddr,
 
+    /// AMQP over TLS listener address (IoT Hub's AMQPS port). Plain AMQP is
+    /// not served: credentials would cross the network in clear text.
+    #[arg(long, env = "EDGEHUB_AMQPS_LISTEN", default_value = "0.0.0.0:5671")]
+    pub amqps_listen: SocketAddr,
+
     /// Server certificate chain (PEM, leaf first). Without it, a development CA
     /// and server certificate are generated in the data dir on first start.
     #[arg(long, env = "EDGEHUB_TLS_CERT", requires = "tls_key")]
@@ -289,6 +294,8 @@ impl Config {
     pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Config {
         let mut c = Config::parse_from(["edgehub"]);
         c.data_dir = data_dir.into();
+        // Tests run hubs side by side: no fixed port.
+        c.amqps_listen = "127.0.0.1:0".parse().expect("address");
         c
     }
 

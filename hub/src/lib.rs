@@ -7,6 +7,7 @@
 //! - [`connection`]: the MQTT head: one MQTT connection (CONNECT handling,
 //!   packet dispatch, flow control, keep-alive, write batching) over the
 //!   generic broker (`edgehub-broker`).
+//! - [`amqp`]: the AMQP head (`edgehub-amqp`) on the AMQPS listener.
 //! - [`iothub`]: IoT Hub over MQTT: CONNECT credentials into device-layer
 //!   verdicts, topic authorization, telemetry topics and property bags,
 //!   `$iothub/…` requests, the topics of device-layer deliveries.
@@ -22,6 +23,7 @@
 //! IoT Hub semantics live in `edgehub-device`; the wire format in
 //! `edgehub-codec`.
 
+pub mod amqp;
 pub mod config;
 pub mod connection;
 pub mod endpoints;

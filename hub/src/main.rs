@@ -50,9 +50,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(a) = server.management_addr() {
         println!("listening management {a}");
     }
+    if let Some(a) = server.amqps_addr() {
+        println!("listening amqps {a}");
+    }
     tracing::info!(
         mqtt = ?server.mqtt_addr(),
         mqtts = ?server.mqtts_addr(),
+        amqps = ?server.amqps_addr(),
         data_dir = %config.data_dir.display(),
         "edgehub started"
     );

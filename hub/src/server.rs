@@ -70,6 +70,8 @@ pub struct Server {
     c2d_max_delivery_count: u32,
     mqtt: Option<TcpListener>,
     mqtts: Option<(TcpListener, TlsAcceptor)>,
+    amqps: Option<(TcpListener, TlsAcceptor)>,
+    amqp: Arc<edgehub_amqp::AmqpHub>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -252,6 +254,10 @@ impl Server {
         };
         let mqtts = (
             bind(config.mqtts_listen).await?,
+            TlsAcceptor::from(tls_config.clone()),
+        );
+        let amqps = (
+            bind(config.amqps_listen).await?,
             TlsAcceptor::from(tls_config),
         );
         let mqtt = match config.mqtt_listen {
@@ -417,6 +423,16 @@ impl Server {
         broker.set_will_sink(Arc::new(crate::pipeline::WillsAsTelemetry(devices.clone())));
         let deliveries = crate::iothub::deliveries::MqttDeliveries::new(broker.clone());
         devices.links.set_fallback(deliveries.clone());
+        let mut verdicts =
+            edgehub_device::auth::Authentication::new(identities.clone(), &config.hostname())
+                .with_own_device(edge_id.clone());
+        if let Some(path) = &config.trust_bundle {
+            verdicts = verdicts.with_trust_bundle(edgehub_device::x509::TrustBundle::load(path)?);
+        }
+        let amqp = Arc::new(edgehub_amqp::AmqpHub::new(
+            devices.clone(),
+            Arc::new(verdicts),
+        ));
         let iothub = Arc::new(crate::iothub::IotHub {
             layer: devices,
             deliveries,
@@ -468,6 +484,8 @@ impl Server {
             c2d_max_delivery_count: config.c2d_max_delivery_count,
             mqtt,
             mqtts: Some(mqtts),
+            amqps: Some(amqps),
+            amqp,
             shutdown: watch::channel(false).0,
         })
     }
@@ -486,6 +504,10 @@ impl Server {
 
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
         self.mqtt.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn amqps_addr(&self) -> Option<SocketAddr> {
+        self.amqps.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn mqtts_addr(&self) -> Option<SocketAddr> {
@@ -590,14 +612,25 @@ impl Server {
             self.mqtt.take().map(|tcp| (tcp, None)),
             self.mqtts.take().map(|(tcp, a)| (tcp, Some(a))),
         ];
-        for (tcp, tls) in listeners.into_iter().flatten() {
+        let amqp_head: Arc<dyn crate::transport::Head> =
+            Arc::new(crate::amqp::AmqpHead(self.amqp.clone()));
+        let listeners = listeners
+            .into_iter()
+            .flatten()
+            .map(|(tcp, tls)| (tcp, tls, mqtt_head.clone()))
+            .chain(
+                self.amqps
+                    .take()
+                    .map(|(tcp, a)| (tcp, Some(a), amqp_head.clone())),
+            );
+        for (tcp, tls, head) in listeners {
             let listener = crate::transport::Listener {
                 tcp,
                 tls,
                 handshake_timeout,
             };
             accept_tasks.push(tokio::spawn(listener.run(
-                mqtt_head.clone(),
+                head,
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));

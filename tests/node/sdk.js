@@ -1,15 +1,21 @@
-// One scenario of the official Azure IoT device SDK for Node.js (MQTT
-// transport), unchanged, pointed at the gateway by GatewayHostName in its
-// connection string. Driven by tests/node/test_node_sdk.py: the scenario name
-// is the first argument, the connection string is EDGEHUB_CS and the CA file
-// EDGEHUB_CA. Every event is one JSON line on stdout; the script exits when
-// its scenario is done or when stdin closes.
+// One scenario of the official Azure IoT device SDK for Node.js, unchanged,
+// pointed at the gateway by GatewayHostName in its connection string, over
+// its MQTT transport or (EDGEHUB_TRANSPORT=amqp) its AMQP transport. Driven
+// by tests/node/test_node_sdk*.py: the scenario name is the first argument,
+// the connection string is EDGEHUB_CS and the CA file EDGEHUB_CA. Every
+// event is one JSON line on stdout; the script exits when its scenario is
+// done or when stdin closes.
 'use strict';
 
 const fs = require('fs');
 const readline = require('readline');
 const { Client, ModuleClient, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
+const Transport =
+  process.env.EDGEHUB_TRANSPORT === 'amqp' ? require('azure-iot-device-amqp').Amqp : Mqtt;
+// How the c2d scenario settles what it gets: complete, reject or abandon
+// (abandon once, then complete the redelivery).
+const settle = process.env.EDGEHUB_SETTLE || 'complete';
 const { NoRetry } = require('azure-iot-common');
 
 const scenario = process.argv[2];
@@ -26,7 +32,7 @@ function fail(where, err) {
 }
 
 function open(kind) {
-  const client = (kind === 'module' ? ModuleClient : Client).fromConnectionString(cs, Mqtt);
+  const client = (kind === 'module' ? ModuleClient : Client).fromConnectionString(cs, Transport);
   client.setRetryPolicy(new NoRetry());
   client.on('error', (e) => say({ clientError: e.name, message: e.message }));
   return new Promise((resolve, reject) => {
@@ -64,6 +70,7 @@ const scenarios = {
   // Prints every cloud-to-device message and completes it.
   async c2d() {
     const c = await open('device');
+    const abandoned = new Set();
     c.on('message', (m) => {
       const props = {};
       for (let i = 0; i < m.properties.count(); i++) {
@@ -71,7 +78,12 @@ const scenarios = {
         props[p.key] = p.value;
       }
       say({ c2d: m.data.toString(), messageId: m.messageId, properties: props });
-      c.complete(m, (err) => err && say({ completeError: err.message }));
+      const done = (err) => err && say({ settleError: err.message });
+      if (settle === 'reject') c.reject(m, done);
+      else if (settle === 'abandon' && !abandoned.has(m.messageId)) {
+        abandoned.add(m.messageId);
+        c.abandon(m, done);
+      } else c.complete(m, done);
     });
     say({ ready: true });
     commands(() => {});

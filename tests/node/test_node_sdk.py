@@ -53,8 +53,9 @@ def module_cs(module, key):
 class Scenario:
     """sdk.js running one scenario: its JSON events, commands on stdin."""
 
-    def __init__(self, gateway, name, cs):
-        env = dict(os.environ, EDGEHUB_CS=cs, EDGEHUB_CA=str(gateway.ca), NODE_PATH=node_modules())
+    def __init__(self, gateway, name, cs, transport="mqtt", **extra_env):
+        env = dict(os.environ, EDGEHUB_CS=cs, EDGEHUB_CA=str(gateway.ca), NODE_PATH=node_modules(),
+                   EDGEHUB_TRANSPORT=transport, **extra_env)
         self.proc = subprocess.Popen(
             ["node", str(HERE / "sdk.js"), name], env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

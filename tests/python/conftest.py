@@ -43,12 +43,13 @@ def binary():
 class Hub:
     """One edgehub process with plain and TLS listeners on 127.0.0.1:0."""
 
-    def __init__(self, binary, data_dir: Path, *args, allow_anonymous=True, mqtts="127.0.0.1:0"):
+    def __init__(self, binary, data_dir: Path, *args, allow_anonymous=True, mqtts="127.0.0.1:0",
+                 amqps="127.0.0.1:0"):
         self.data_dir = data_dir
         self.ca = data_dir / "ca.pem"
         cmd = [
             binary, "--data-dir", str(data_dir),
-            "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", mqtts,
+            "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", mqtts, "--amqps-listen", amqps,
             "--management-listen", "127.0.0.1:0", "--store-min-free-disk", "0",
             "--hostname", "edgehub-test", "--log", "edgehub=debug,info",
         ]
@@ -68,7 +69,7 @@ class Hub:
         threading.Thread(target=pump, daemon=True).start()
         self.ports = {}
         deadline = time.time() + 30
-        while len(self.ports) < 3:
+        while len(self.ports) < 4:
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.time()))
             except queue.Empty:
@@ -140,8 +141,9 @@ class Hub:
 def start_hub(binary, tmp_path):
     hubs = []
 
-    def start(*args, allow_anonymous=True, name="hub", mqtts="127.0.0.1:0"):
-        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous, mqtts=mqtts)
+    def start(*args, allow_anonymous=True, name="hub", mqtts="127.0.0.1:0", amqps="127.0.0.1:0"):
+        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous, mqtts=mqtts,
+                amqps=amqps)
         hubs.append(h)
         return h
 

@@ -18,19 +18,21 @@ start_hub = harness.start_hub
 def start_sdk_gateway(start_hub, tmp_path, hub_hostname, device, modules, *args):
     """A hub that serves `device` (id, key) and its `modules` ([(id, key)])
     for IoT Hub `hub_hostname`, listening on 127.0.0.1:8883: the Azure IoT
-    SDKs always dial 8883."""
+    SDKs always dial 8883 (MQTT) and 5671 (AMQP)."""
     import json
     import socket
 
     import pytest
 
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 8883)) == 0:
-            pytest.fail("port 8883 is taken; the Azure SDK can only dial 8883")
+    for port in (8883, 5671):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port} is taken; the Azure SDKs can only dial 8883 (MQTT) and 5671 (AMQP)")
     ids = tmp_path / "identities.json"
     ids.write_text(json.dumps({
         "iothubHostname": hub_hostname,
         "devices": [{"deviceId": device[0], "primaryKey": device[1],
                      "modules": [{"moduleId": m, "primaryKey": k} for m, k in modules]}],
     }))
-    return start_hub("--identities", str(ids), *args, allow_anonymous=False, mqtts="127.0.0.1:8883")
+    return start_hub("--identities", str(ids), *args, allow_anonymous=False, mqtts="127.0.0.1:8883",
+                     amqps="127.0.0.1:5671")

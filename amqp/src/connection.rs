@@ -1,0 +1,645 @@
+//! One AMQP connection: SASL, then sessions and links, each link on its own
+//! task. Which identities the connection may act for is decided per link
+//! attach (IoT Hub's rule): the SASL PLAIN identity, the identities a CBS
+//! `put-token` proved, or the device of the TLS client certificate.
+//!
+//! fe2o3 cannot refuse an attach; a link for an address this connection
+//! may not use is accepted and closed at once with the error
+//! (`amqp:unauthorized-access`, `amqp:not-found`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use edgehub_device::auth::Authenticated;
+use edgehub_device::link::{Delivery, DeviceLink, LinkSink, Offer, Receipt};
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+    ListenerSessionHandle, SessionAcceptor,
+};
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::types::definitions::{self, AmqpError, LinkError};
+use fe2o3_amqp::types::messaging::{message::Body, Outcome};
+use fe2o3_amqp::types::performatives::Attach;
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Receiver, Sender};
+use parking_lot::Mutex;
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, info, warn};
+
+use crate::address::Address;
+use crate::message::{self, AmqpMessage};
+use crate::sasl::HubSasl;
+use crate::{cbs, AmqpHub};
+
+const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
+const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn stream_read_header<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8; 8],
+) -> std::io::Result<()> {
+    tokio::io::AsyncReadExt::read_exact(s, buf)
+        .await
+        .map(|_| ())
+}
+
+/// Cloud-to-device and module-input deliveries waiting for their link.
+const OUT_QUEUE: usize = 64;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn error(
+    condition: impl Into<definitions::ErrorCondition>,
+    why: impl Into<String>,
+) -> definitions::Error {
+    definitions::Error::new(condition, Some(why.into()), None)
+}
+
+/// The stream as fe2o3 reads it (it wants `Debug`), with the protocol
+/// header already read put back in front.
+struct Io<S> {
+    head: Vec<u8>,
+    inner: S,
+}
+
+impl<S> std::fmt::Debug for Io<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Io")
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Io<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Io<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// One identity's presence on this connection: its device link and the
+/// queues of the links that deliver to it.
+struct IdentityLinks {
+    _link: Mutex<Option<DeviceLink>>,
+    c2d: Mutex<Option<mpsc::Sender<Delivery>>>,
+    inputs: Mutex<Option<mpsc::Sender<Delivery>>>,
+    /// Told when another link (another connection, another head) took
+    /// the identity over: its links here close.
+    taken_over: Notify,
+}
+
+struct Sink(Arc<IdentityLinks>);
+
+impl LinkSink for Sink {
+    fn deliver(&self, _identity: &str, d: Delivery) -> Offer {
+        let queue = match &d {
+            Delivery::CloudToDevice { .. } => self.0.c2d.lock().clone(),
+            Delivery::ModuleInput { .. } => self.0.inputs.lock().clone(),
+            // Twins and methods are not served over AMQP yet.
+            _ => None,
+        };
+        let Some(q) = queue else {
+            if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } =
+                &d
+            {
+                receipt.cancel();
+            }
+            return Offer::NotListening;
+        };
+        let (d, offer) = match q.try_send(d) {
+            Ok(()) => return Offer::Sent,
+            Err(mpsc::error::TrySendError::Full(d)) => (d, Offer::Full),
+            Err(mpsc::error::TrySendError::Closed(d)) => (d, Offer::NotListening),
+        };
+        if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } = &d
+        {
+            receipt.cancel();
+        }
+        offer
+    }
+
+    fn taken_over(&self) {
+        self.0.taken_over.notify_waiters();
+    }
+}
+
+/// What the links of one connection share.
+pub(crate) struct ConnState {
+    pub hub: Arc<AmqpHub>,
+    pub peer: SocketAddr,
+    client_chain: Option<Vec<CertificateDer<'static>>>,
+    /// Lower-cased identity → what proved it.
+    granted: Mutex<HashMap<String, Authenticated>>,
+    identities: Mutex<HashMap<String, Arc<IdentityLinks>>>,
+    /// The `$cbs` sender link's queue, for put-token replies.
+    pub cbs_replies: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
+}
+
+impl ConnState {
+    pub fn grant(&self, a: Authenticated) {
+        self.granted.lock().insert(a.identity.to_lowercase(), a);
+    }
+
+    /// The identity (as registered) this connection may act for under
+    /// `claimed`, or why not.
+    fn authorize(&self, claimed: &str) -> Result<Arc<str>, String> {
+        if let Some(a) = self.granted.lock().get(&claimed.to_lowercase()) {
+            if a.valid_until < now() {
+                return Err(format!("the token for {claimed} has expired"));
+            }
+            return Ok(a.identity.clone());
+        }
+        if let (Some(chain), None) = (&self.client_chain, claimed.split_once('/')) {
+            return match self.hub.auth.x509(claimed, chain) {
+                Ok(a) => {
+                    let id = a.identity.clone();
+                    self.grant(a);
+                    Ok(id)
+                }
+                Err(e) => Err(e.0),
+            };
+        }
+        Err(format!(
+            "this connection has not authenticated {claimed} (SASL PLAIN, a CBS put-token or a client certificate)"
+        ))
+    }
+
+    /// The identity's entry, attaching its device link on first use.
+    fn identity(&self, identity: &Arc<str>) -> Arc<IdentityLinks> {
+        let mut ids = self.identities.lock();
+        if let Some(l) = ids.get(&identity.to_lowercase()) {
+            return l.clone();
+        }
+        let links = Arc::new(IdentityLinks {
+            _link: Mutex::new(None),
+            c2d: Mutex::new(None),
+            inputs: Mutex::new(None),
+            taken_over: Notify::new(),
+        });
+        ids.insert(identity.to_lowercase(), links.clone());
+        drop(ids);
+        let link = self
+            .hub
+            .layer
+            .links
+            .attach(identity.clone(), Arc::new(Sink(links.clone())));
+        *links._link.lock() = Some(link);
+        links
+    }
+}
+
+/// Serves one AMQP connection until it closes or the hub shuts down.
+pub async fn serve<S>(
+    hub: Arc<AmqpHub>,
+    mut stream: S,
+    peer: SocketAddr,
+    client_chain: Option<Vec<CertificateDer<'static>>>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    // SASL is optional, as at IoT Hub: the Node SDK skips it and proves
+    // its identity over CBS. The protocol header says which.
+    let mut header = [0u8; 8];
+    let read = tokio::time::timeout(HEADER_TIMEOUT, stream_read_header(&mut stream, &mut header));
+    let sasl_header = match read.await {
+        Ok(Ok(())) if header == SASL_HEADER => true,
+        Ok(Ok(())) if header == AMQP_HEADER => false,
+        Ok(Ok(())) => {
+            info!(%peer, header = ?header, "not an AMQP 1.0 protocol header; closing");
+            // Tell the client what is spoken here, as the spec asks.
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &SASL_HEADER).await;
+            return;
+        }
+        _ => {
+            debug!(%peer, "no AMQP protocol header; closing");
+            return;
+        }
+    };
+    let io = Io {
+        head: header.to_vec(),
+        inner: stream,
+    };
+    let container = format!("DeviceGateway_{:032x}", rand::random::<u128>());
+    let sasl = HubSasl::new(hub.auth.clone(), peer);
+    let verdict = sasl.verdict.clone();
+    let accepted = if sasl_header {
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id(container)
+            .max_frame_size(hub.max_frame_size)
+            .idle_time_out(240_000u32)
+            .sasl_acceptor(sasl)
+            .build();
+        tokio::select! {
+            c = acceptor.accept(io) => c,
+            _ = shutdown.changed() => return,
+        }
+    } else {
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id(container)
+            .max_frame_size(hub.max_frame_size)
+            .idle_time_out(240_000u32)
+            .build();
+        tokio::select! {
+            c = acceptor.accept(io) => c,
+            _ = shutdown.changed() => return,
+        }
+    };
+    let mut conn: ListenerConnectionHandle = match accepted {
+        Ok(c) => c,
+        Err(e) => {
+            info!(%peer, error = %e, "AMQP connection refused");
+            return;
+        }
+    };
+    let state = Arc::new(ConnState {
+        hub,
+        peer,
+        client_chain,
+        granted: Mutex::default(),
+        identities: Mutex::default(),
+        cbs_replies: Mutex::default(),
+    });
+    let plain = verdict.lock().identity.clone();
+    if let Some(a) = plain {
+        debug!(%peer, identity = %a.identity, "AMQP SASL PLAIN authenticated");
+        state.grant(a);
+    }
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = conn.next_incoming_session() => {
+                let Some(incoming) = incoming else { break };
+                match SessionAcceptor::new().accept_incoming_session(incoming, &mut conn).await {
+                    Ok(session) => {
+                        sessions.spawn(serve_session(state.clone(), session, shutdown.clone()));
+                    }
+                    Err(e) => {
+                        debug!(%peer, error = %e, "AMQP session not begun");
+                        break;
+                    }
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    sessions.abort_all();
+    let _ = conn.close().await;
+    debug!(%peer, "AMQP connection closed");
+}
+
+async fn serve_session(
+    state: Arc<ConnState>,
+    mut session: ListenerSessionHandle,
+    shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = LinkAcceptor::builder()
+        .max_message_size(state.hub.max_message_size)
+        .build();
+    let mut links = tokio::task::JoinSet::new();
+    while let Some(attach) = session.next_incoming_attach().await {
+        let address = link_address(&attach);
+        let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
+            Ok(e) => e,
+            Err(e) => {
+                debug!(peer = %state.peer, error = ?e, "AMQP link not attached");
+                continue;
+            }
+        };
+        links.spawn(serve_link(
+            state.clone(),
+            endpoint,
+            address,
+            shutdown.clone(),
+        ));
+    }
+    links.abort_all();
+    let _ = session.end().await;
+}
+
+/// The address the client names: the target of its sender, the source of
+/// its receiver.
+fn link_address(attach: &Attach) -> Option<String> {
+    use fe2o3_amqp::types::definitions::Role;
+    match attach.role {
+        Role::Sender => attach.target.as_ref().and_then(|t| match t.as_ref() {
+            fe2o3_amqp::types::messaging::TargetArchetype::Target(t) => t.address.clone(),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }),
+        Role::Receiver => attach.source.as_ref().and_then(|s| s.address.clone()),
+    }
+}
+
+async fn refuse(endpoint: LinkEndpoint, e: definitions::Error) {
+    match endpoint {
+        LinkEndpoint::Sender(s) => {
+            let _ = s.close_with_error(e).await;
+        }
+        LinkEndpoint::Receiver(r) => {
+            let _ = r.close_with_error(e).await;
+        }
+    }
+}
+
+async fn serve_link(
+    state: Arc<ConnState>,
+    endpoint: LinkEndpoint,
+    address: Option<String>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let text = address.unwrap_or_default();
+    let Some(address) = Address::parse(&text) else {
+        info!(peer = %state.peer, address = %text, "AMQP link to an unknown address refused");
+        return refuse(
+            endpoint,
+            error(AmqpError::NotFound, format!("no such address: {text:?}")),
+        )
+        .await;
+    };
+    if address == Address::Cbs {
+        return match endpoint {
+            LinkEndpoint::Receiver(r) => cbs::serve_requests(state, r).await,
+            LinkEndpoint::Sender(s) => cbs::serve_replies(state, s).await,
+        };
+    }
+    let claimed = address.identity().unwrap_or_default().to_owned();
+    let identity = match state.authorize(&claimed) {
+        Ok(i) => i,
+        Err(why) => {
+            info!(peer = %state.peer, address = %text, reason = %why, "AMQP link refused");
+            return refuse(endpoint, error(AmqpError::UnauthorizedAccess, why)).await;
+        }
+    };
+    let links = state.identity(&identity);
+    match (address, endpoint) {
+        (address @ Address::Events { .. }, LinkEndpoint::Receiver(r)) => {
+            telemetry(state, identity, address, links, r, shutdown).await
+        }
+        (Address::Events { .. }, LinkEndpoint::Sender(s)) if identity.contains('/') => {
+            deliveries(state, identity, links, s, Kind::Inputs, shutdown).await
+        }
+        (Address::DeviceBound { .. }, LinkEndpoint::Sender(s)) => {
+            deliveries(state, identity, links, s, Kind::C2d, shutdown).await
+        }
+        (_, endpoint) => {
+            refuse(
+                endpoint,
+                error(
+                    AmqpError::NotImplemented,
+                    format!("{text:?} with this link role is not served over AMQP yet"),
+                ),
+            )
+            .await
+        }
+    }
+}
+
+/// Telemetry or module output: each transfer settles Accepted only once it
+/// is stored, Rejected with the reason otherwise.
+async fn telemetry(
+    state: Arc<ConnState>,
+    identity: Arc<str>,
+    address: Address,
+    links: Arc<IdentityLinks>,
+    mut receiver: Receiver,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = state.hub.max_message_size as usize;
+    // Refusals of the store come back here: fe2o3's disposer can accept
+    // from any task, but only the receiver itself can reject.
+    let (refused_tx, mut refused) = mpsc::unbounded_channel::<(DeliveryInfo, definitions::Error)>();
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            Some((info, e)) = refused.recv() => {
+                let _ = receiver.reject(info, e).await;
+                continue;
+            }
+            d = receiver.recv::<Body<Value>>() => match d {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(peer = %state.peer, identity = %identity, error = %e, "AMQP telemetry link ended");
+                    return;
+                }
+            },
+            _ = links.taken_over.notified() => {
+                let _ = receiver.close_with_error(error(LinkError::Stolen, "the identity connected elsewhere")).await;
+                return;
+            }
+            _ = shutdown.changed() => return,
+        };
+        let mut msg = message::telemetry(delivery.message());
+        // The SDKs put the link's own address in `to`: it says nothing the
+        // link does not, and over MQTT the same message has no `to`.
+        if msg
+            .system(edgehub_router::SystemProperty::To)
+            .is_some_and(|to| Address::parse(to).as_ref() == Some(&address))
+        {
+            msg.clear_system(edgehub_router::SystemProperty::To);
+        }
+        let info = DeliveryInfo::from(&delivery);
+        if msg.body.len() > max {
+            let e = error(
+                LinkError::MessageSizeExceeded,
+                format!(
+                    "message of {} bytes is over the {max}-byte limit",
+                    msg.body.len()
+                ),
+            );
+            let _ = receiver.reject(info, e).await;
+            continue;
+        }
+        match state.hub.layer.send_telemetry(&identity, msg) {
+            Ok(Some(stored)) => {
+                let disposer = receiver.disposer();
+                let refused_tx = refused_tx.clone();
+                tokio::spawn(async move {
+                    match stored.await {
+                        Ok(_) => {
+                            if let Err(e) = disposer.accept(info).await {
+                                debug!(error = %e, "telemetry settlement not sent");
+                            }
+                        }
+                        Err(e) => {
+                            let _ = refused_tx.send((info, store_error(&e)));
+                        }
+                    }
+                });
+            }
+            // No route took it: accepted (the sender did nothing wrong).
+            Ok(None) => {
+                let _ = receiver.accept(info).await;
+            }
+            Err(e) => {
+                let _ = receiver.reject(info, store_error(&e)).await;
+            }
+        }
+    }
+}
+
+fn store_error(e: &edgehub_store::StoreError) -> definitions::Error {
+    if e.is_quota() {
+        error(AmqpError::ResourceLimitExceeded, e.to_string())
+    } else {
+        error(AmqpError::InternalError, e.to_string())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    C2d,
+    Inputs,
+}
+
+/// Cloud-to-device messages or module inputs out on a sender link, one at
+/// a time; the client's disposition settles each: Accepted completes,
+/// Rejected rejects, Released and Modified abandon (offered again, its
+/// delivery count one higher).
+async fn deliveries(
+    state: Arc<ConnState>,
+    identity: Arc<str>,
+    links: Arc<IdentityLinks>,
+    mut sender: Sender,
+    kind: Kind,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<Delivery>(OUT_QUEUE);
+    let slot = match kind {
+        Kind::C2d => &links.c2d,
+        Kind::Inputs => &links.inputs,
+    };
+    // A newer link of the same kind replaces this one.
+    *slot.lock() = Some(tx.clone());
+    debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP delivery link attached");
+    let mut stolen = false;
+    loop {
+        let d = tokio::select! {
+            d = rx.recv() => match d { Some(d) => d, None => break },
+            _ = links.taken_over.notified() => {
+                stolen = true;
+                break;
+            }
+            _ = shutdown.changed() => break,
+        };
+        let (amqp, receipt) = match d {
+            Delivery::CloudToDevice {
+                message,
+                lock,
+                delivery_count,
+                receipt,
+            } => {
+                let mut token = [0u8; 16];
+                token[8..].copy_from_slice(&lock.0.to_be_bytes());
+                let device = identity.split('/').next().unwrap_or_default();
+                let m = message::outgoing(
+                    &message,
+                    message::Outgoing {
+                        lock_token: Some(token),
+                        delivery_count: Some(delivery_count.saturating_sub(1)),
+                        input_name: None,
+                        to: Some(format!("/devices/{device}")),
+                    },
+                );
+                (m, receipt)
+            }
+            Delivery::ModuleInput {
+                input,
+                message,
+                receipt,
+            } => {
+                let m = message::outgoing(
+                    &message,
+                    message::Outgoing {
+                        lock_token: None,
+                        delivery_count: None,
+                        input_name: Some(&input),
+                        to: None,
+                    },
+                );
+                (m, receipt)
+            }
+            _ => continue,
+        };
+        match sender.send(amqp).await {
+            Ok(outcome) => settle(&receipt, outcome),
+            Err(e) => {
+                receipt.lost();
+                debug!(peer = %state.peer, identity = %identity, error = %e, "AMQP delivery not sent");
+                break;
+            }
+        }
+    }
+    // What is still queued goes to the next link.
+    {
+        let mut g = slot.lock();
+        if g.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+            *g = None;
+        }
+    }
+    drop(tx);
+    rx.close();
+    while let Ok(d) = rx.try_recv() {
+        if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } = d {
+            receipt.lost();
+        }
+    }
+    if stolen {
+        let _ = sender
+            .close_with_error(error(LinkError::Stolen, "the identity connected elsewhere"))
+            .await;
+    } else {
+        let _ = sender.close().await;
+    }
+}
+
+fn settle(receipt: &Receipt, outcome: Outcome) {
+    match outcome {
+        Outcome::Accepted(_) => receipt.complete(),
+        Outcome::Rejected(_) => receipt.reject(),
+        Outcome::Released(_) | Outcome::Modified(_) => receipt.abandon(),
+        #[allow(unreachable_patterns)]
+        _ => {
+            warn!("unknown AMQP outcome; abandoning");
+            receipt.abandon()
+        }
+    }
+}
