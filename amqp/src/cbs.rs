@@ -135,6 +135,12 @@ pub(crate) async fn serve_replies(state: Arc<ConnState>, mut sender: Sender) {
     let (tx, mut rx) = mpsc::channel(16);
     *state.cbs_replies.lock() = Some(tx);
     while let Some(reply) = rx.recv().await {
+        // Pre-settled: a reply is not worth redelivering, and a client that
+        // never settles it must not hold up the next one.
+        let reply = fe2o3_amqp::link::delivery::Sendable::builder()
+            .message(reply)
+            .settled(true)
+            .build();
         if let Err(e) = sender.send(reply).await {
             debug!(peer = %state.peer, error = %e, "CBS reply not sent");
             break;

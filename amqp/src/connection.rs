@@ -37,7 +37,6 @@ use crate::{cbs, AmqpHub};
 
 const SASL_HEADER: [u8; 8] = *b"AMQP\x03\x01\x00\x00";
 const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
-const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn stream_read_header<S: AsyncRead + Unpin>(
     s: &mut S,
@@ -69,6 +68,7 @@ fn error(
 struct Io<S> {
     head: Vec<u8>,
     inner: S,
+    guard: crate::guard::FrameGuard,
 }
 
 impl<S> std::fmt::Debug for Io<S> {
@@ -83,13 +83,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for Io<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        if !self.head.is_empty() {
-            let n = self.head.len().min(buf.remaining());
-            buf.put_slice(&self.head[..n]);
-            self.head.drain(..n);
-            return std::task::Poll::Ready(Ok(()));
+        let me = &mut *self;
+        let before = buf.filled().len();
+        if !me.head.is_empty() {
+            let n = me.head.len().min(buf.remaining());
+            buf.put_slice(&me.head[..n]);
+            me.head.drain(..n);
+        } else {
+            match std::pin::Pin::new(&mut me.inner).poll_read(cx, buf) {
+                std::task::Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
         }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        match me.guard.check(&buf.filled()[before..]) {
+            Ok(()) => std::task::Poll::Ready(Ok(())),
+            Err(e) => {
+                std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+            }
+        }
     }
 }
 
@@ -239,7 +250,10 @@ pub async fn serve<S>(
     // SASL is optional, as at IoT Hub: the Node SDK skips it and proves
     // its identity over CBS. The protocol header says which.
     let mut header = [0u8; 8];
-    let read = tokio::time::timeout(HEADER_TIMEOUT, stream_read_header(&mut stream, &mut header));
+    let read = tokio::time::timeout(
+        hub.open_timeout,
+        stream_read_header(&mut stream, &mut header),
+    );
     let sasl_header = match read.await {
         Ok(Ok(())) if header == SASL_HEADER => true,
         Ok(Ok(())) if header == AMQP_HEADER => false,
@@ -257,6 +271,9 @@ pub async fn serve<S>(
     let io = Io {
         head: header.to_vec(),
         inner: stream,
+        // SASL frames and the frames of an open connection both stay
+        // within the frame size this side announces.
+        guard: crate::guard::FrameGuard::new(hub.max_frame_size),
     };
     let container = format!("DeviceGateway_{:032x}", rand::random::<u128>());
     let sasl = HubSasl::new(hub.auth.clone(), peer);
@@ -269,7 +286,7 @@ pub async fn serve<S>(
             .sasl_acceptor(sasl)
             .build();
         tokio::select! {
-            c = acceptor.accept(io) => c,
+            c = tokio::time::timeout(hub.open_timeout, acceptor.accept(io)) => c,
             _ = shutdown.changed() => return,
         }
     } else {
@@ -279,14 +296,18 @@ pub async fn serve<S>(
             .idle_time_out(240_000u32)
             .build();
         tokio::select! {
-            c = acceptor.accept(io) => c,
+            c = tokio::time::timeout(hub.open_timeout, acceptor.accept(io)) => c,
             _ = shutdown.changed() => return,
         }
     };
     let mut conn: ListenerConnectionHandle = match accepted {
-        Ok(c) => c,
-        Err(e) => {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             info!(%peer, error = %e, "AMQP connection refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "AMQP connection not opened within the open timeout; closing");
             return;
         }
     };

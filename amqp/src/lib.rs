@@ -20,6 +20,7 @@
 pub mod address;
 mod cbs;
 mod connection;
+pub mod guard;
 pub mod message;
 pub mod sasl;
 
@@ -42,6 +43,9 @@ pub struct AmqpHub {
     pub auth: Arc<Authentication>,
     pub max_message_size: u64,
     pub max_frame_size: u32,
+    /// How long a client may take from its first byte to an open
+    /// connection (protocol header, SASL, Open).
+    pub open_timeout: std::time::Duration,
 }
 
 impl AmqpHub {
@@ -51,6 +55,7 @@ impl AmqpHub {
             auth,
             max_message_size: MAX_MESSAGE_SIZE,
             max_frame_size: MAX_FRAME_SIZE,
+            open_timeout: std::time::Duration::from_secs(10),
         }
     }
 }

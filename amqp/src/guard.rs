@@ -1,0 +1,174 @@
+//! A check of the frame layer on the bytes a client sends, before fe2o3
+//! decodes them: protocol headers and frame headers are walked as they
+//! pass, and a frame whose size is under the 8-byte header, over the limit,
+//! or whose data offset points outside it ends the connection with an I/O
+//! error. fe2o3's decoder panics on some of these (a size under 8 makes it
+//! advance past its buffer); the connection task would die with a panic
+//! instead of closing cleanly.
+
+/// Where the walk is in the client's byte stream.
+#[derive(Debug)]
+pub struct FrameGuard {
+    max_frame: u32,
+    /// Bytes of the current header (protocol or frame) seen so far.
+    head: [u8; 8],
+    have: usize,
+    /// Bytes of the current frame body still to pass.
+    body_left: u64,
+    /// Extended-header bytes still to skip before the body's first byte.
+    ext_left: u64,
+    /// The body's first byte is still to come: it must start a described
+    /// type (every performative and SASL frame body is one).
+    expect_described: bool,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame size {0} is under the 8-byte frame header")]
+    TooSmall(u32),
+    #[error("frame size {size} is over the {max}-byte maximum")]
+    TooLarge { size: u32, max: u32 },
+    #[error("data offset {doff} words points outside a {size}-byte frame")]
+    BadOffset { doff: u8, size: u32 },
+    #[error("not an AMQP 1.0 protocol header: {0:?}")]
+    BadProtocolHeader([u8; 8]),
+    #[error("frame body starts with {0:#04x}, not a described type")]
+    NotDescribed(u8),
+}
+
+impl FrameGuard {
+    pub fn new(max_frame: u32) -> FrameGuard {
+        FrameGuard {
+            max_frame,
+            head: [0; 8],
+            have: 0,
+            body_left: 0,
+            ext_left: 0,
+            expect_described: false,
+        }
+    }
+
+    /// Walks `bytes`, the next ones the client sent.
+    pub fn check(&mut self, mut bytes: &[u8]) -> Result<(), FrameError> {
+        while !bytes.is_empty() {
+            if self.body_left > 0 && self.ext_left == 0 && self.expect_described {
+                self.expect_described = false;
+                if bytes[0] != 0x00 {
+                    return Err(FrameError::NotDescribed(bytes[0]));
+                }
+            }
+            if self.body_left > 0 {
+                let limit = if self.ext_left > 0 {
+                    self.ext_left
+                } else {
+                    self.body_left
+                };
+                let n = (limit.min(bytes.len() as u64)) as usize;
+                self.ext_left -= (n as u64).min(self.ext_left);
+                self.body_left -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (8 - self.have).min(bytes.len());
+            self.head[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have < 8 {
+                break;
+            }
+            self.have = 0;
+            if &self.head[..4] == b"AMQP" {
+                if !matches!(self.head[4..], [0, 1, 0, 0] | [3, 1, 0, 0]) {
+                    return Err(FrameError::BadProtocolHeader(self.head));
+                }
+                continue;
+            }
+            let size = u32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
+            let doff = self.head[4];
+            if size < 8 {
+                return Err(FrameError::TooSmall(size));
+            }
+            if size > self.max_frame {
+                return Err(FrameError::TooLarge {
+                    size,
+                    max: self.max_frame,
+                });
+            }
+            if doff < 2 || doff as u32 * 4 > size {
+                return Err(FrameError::BadOffset { doff, size });
+            }
+            self.body_left = size as u64 - 8;
+            self.ext_left = doff as u64 * 4 - 8;
+            self.expect_described = size > doff as u32 * 4;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame whose body (if any) starts a described type.
+    fn frame(size: u32, doff: u8) -> Vec<u8> {
+        let mut f = size.to_be_bytes().to_vec();
+        f.extend([doff, 0, 0, 0]);
+        f.resize((doff as usize * 4).max(8), 0xee);
+        if (f.len() as u32) < size {
+            f.push(0x00);
+        }
+        f.resize(size.max(8) as usize, 0x40);
+        f
+    }
+
+    #[test]
+    fn headers_and_frames_pass_in_any_split() {
+        let mut stream = b"AMQP\x03\x01\x00\x00".to_vec();
+        stream.extend(frame(20, 2));
+        stream.extend(b"AMQP\x00\x01\x00\x00");
+        stream.extend(frame(8, 2)); // an empty (heartbeat) frame
+        stream.extend(frame(100, 3));
+        for chunk in [1, 3, 7, 64] {
+            let mut g = FrameGuard::new(1024);
+            for part in stream.chunks(chunk) {
+                g.check(part).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_frames_are_caught() {
+        let check = |bytes: &[u8]| FrameGuard::new(1024).check(bytes);
+        let mut s = b"AMQP\x00\x01\x00\x00".to_vec();
+        s.extend(4u32.to_be_bytes());
+        s.extend([2, 0, 0, 0]);
+        assert_eq!(check(&s), Err(FrameError::TooSmall(4)));
+        assert_eq!(
+            check(&frame(4096, 2)[..8]),
+            Err(FrameError::TooLarge {
+                size: 4096,
+                max: 1024
+            })
+        );
+        assert_eq!(
+            check(&frame(16, 1)[..8]),
+            Err(FrameError::BadOffset { doff: 1, size: 16 })
+        );
+        assert_eq!(
+            check(&frame(16, 5)[..8]),
+            Err(FrameError::BadOffset { doff: 5, size: 16 })
+        );
+        assert!(matches!(
+            check(b"AMQP\x01\x00\x00\x00"),
+            Err(FrameError::BadProtocolHeader(_))
+        ));
+        let mut garbage = 16u32.to_be_bytes().to_vec();
+        garbage.extend([2, 0, 0, 0]);
+        garbage.extend([0xff; 8]);
+        assert_eq!(check(&garbage), Err(FrameError::NotDescribed(0xff)));
+        // An extended header is skipped before the body is looked at.
+        let mut ext = 20u32.to_be_bytes().to_vec();
+        ext.extend([3, 0, 0, 0, 0xee, 0xee, 0xee, 0xee, 0x00, 0x53, 0x10, 0x45]);
+        assert_eq!(check(&ext), Ok(()));
+    }
+}
