@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::connection::ConnState;
-use crate::message::{simple_text, AmqpMessage};
+use crate::message::AmqpMessage;
 
 /// The identity an audience names: `[amqps://]<host>/devices/<d>[/modules/<m>]`
 /// (URL-encoded or not) → (host, device, module).
@@ -43,14 +43,7 @@ pub fn audience_identity(audience: &str) -> Option<(String, String, Option<Strin
     }
 }
 
-fn prop(m: &AmqpMessage, key: &str) -> Option<String> {
-    m.application_properties
-        .as_ref()?
-        .0
-        .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        .and_then(|(_, v)| simple_text(v))
-}
+use crate::message::property as prop;
 
 /// (status-code, status-description) for one request.
 fn verdict(state: &ConnState, m: &AmqpMessage) -> (i32, String) {

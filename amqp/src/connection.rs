@@ -22,7 +22,7 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{self, AmqpError, LinkError};
 use fe2o3_amqp::types::messaging::{message::Body, Outcome};
 use fe2o3_amqp::types::performatives::Attach;
-use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
 use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
@@ -132,6 +132,12 @@ struct IdentityLinks {
     _link: Mutex<Option<DeviceLink>>,
     c2d: Mutex<Option<mpsc::Sender<Delivery>>>,
     inputs: Mutex<Option<mpsc::Sender<Delivery>>>,
+    /// Twin answers and desired-property pushes out.
+    twin: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
+    /// The client asked for desired-property pushes (PUT on the twin link).
+    desired: std::sync::atomic::AtomicBool,
+    /// Method requests out.
+    methods: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
     /// Told when another link (another connection, another head) took
     /// the identity over: its links here close.
     taken_over: Notify,
@@ -139,13 +145,69 @@ struct IdentityLinks {
 
 struct Sink(Arc<IdentityLinks>);
 
+/// Queues `m` on a twin or methods link.
+fn offer(queue: &Mutex<Option<mpsc::Sender<AmqpMessage>>>, m: AmqpMessage) -> Offer {
+    let Some(q) = queue.lock().clone() else {
+        return Offer::NotListening;
+    };
+    match q.try_send(m) {
+        Ok(()) => Offer::Sent,
+        Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+        Err(mpsc::error::TrySendError::Closed(_)) => Offer::NotListening,
+    }
+}
+
+/// A twin answer as IoT Hub sends it over AMQP: the request's
+/// correlation id, the `status` (and `version`) annotations.
+pub(crate) fn twin_answer(
+    request: String,
+    status: u16,
+    version: Option<u64>,
+    body: &[u8],
+) -> AmqpMessage {
+    let mut ann = vec![("status", Value::Int(status as i32))];
+    if let Some(v) = version {
+        ann.push(("version", Value::Long(v as i64)));
+    }
+    message::reply(Some(request), ann, Vec::new(), body)
+}
+
 impl LinkSink for Sink {
     fn deliver(&self, _identity: &str, d: Delivery) -> Offer {
-        let queue = match &d {
+        let queue = match d {
             Delivery::CloudToDevice { .. } => self.0.c2d.lock().clone(),
             Delivery::ModuleInput { .. } => self.0.inputs.lock().clone(),
-            // Twins and methods are not served over AMQP yet.
-            _ => None,
+            Delivery::TwinAnswer {
+                request,
+                status,
+                version,
+                body,
+            } => return offer(&self.0.twin, twin_answer(request, status, version, &body)),
+            Delivery::DesiredPatch { version, patch } => {
+                if !self.0.desired.load(std::sync::atomic::Ordering::Acquire) {
+                    return Offer::NotListening;
+                }
+                let m = message::reply(
+                    None,
+                    vec![("version", Value::Long(version as i64))],
+                    Vec::new(),
+                    &patch,
+                );
+                return offer(&self.0.twin, m);
+            }
+            Delivery::MethodRequest {
+                method,
+                request_id,
+                payload,
+            } => {
+                let m = message::reply(
+                    Some(format!("{request_id:x}")),
+                    Vec::new(),
+                    vec![("IoThub-methodname", SimpleValue::String(method))],
+                    &payload,
+                );
+                return offer(&self.0.methods, m);
+            }
         };
         let Some(q) = queue else {
             if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } =
@@ -223,6 +285,9 @@ impl ConnState {
             _link: Mutex::new(None),
             c2d: Mutex::new(None),
             inputs: Mutex::new(None),
+            twin: Mutex::new(None),
+            desired: Default::default(),
+            methods: Mutex::new(None),
             taken_over: Notify::new(),
         });
         ids.insert(identity.to_lowercase(), links.clone());
@@ -344,6 +409,12 @@ pub async fn serve<S>(
     }
     sessions.abort_all();
     let _ = conn.close().await;
+    // Each identity's device link goes with the connection (the link table
+    // holds the sink, and the sink this entry: it would never drop itself).
+    let identities: Vec<_> = state.identities.lock().drain().collect();
+    for (_, links) in identities {
+        links._link.lock().take();
+    }
     debug!(%peer, "AMQP connection closed");
 }
 
@@ -440,6 +511,18 @@ async fn serve_link(
         }
         (Address::DeviceBound { .. }, LinkEndpoint::Sender(s)) => {
             deliveries(state, identity, links, s, Kind::C2d, shutdown).await
+        }
+        (Address::Twin { .. }, LinkEndpoint::Receiver(r)) => {
+            twin_requests(state, identity, links, r, shutdown).await
+        }
+        (Address::Twin { .. }, LinkEndpoint::Sender(s)) => {
+            outbound(state, identity, links.clone(), s, Out::Twin, shutdown).await
+        }
+        (Address::Methods { .. }, LinkEndpoint::Receiver(r)) => {
+            method_responses(state, identity, r, shutdown).await
+        }
+        (Address::Methods { .. }, LinkEndpoint::Sender(s)) => {
+            outbound(state, identity, links.clone(), s, Out::Methods, shutdown).await
         }
         (_, endpoint) => {
             refuse(
@@ -545,6 +628,177 @@ fn store_error(e: &edgehub_store::StoreError) -> definitions::Error {
     }
 }
 
+/// Frees a link's queue slot, unless a newer link took it already.
+fn release<T>(slot: &Mutex<Option<mpsc::Sender<T>>>, tx: &mpsc::Sender<T>) {
+    let mut g = slot.lock();
+    if g.as_ref().is_some_and(|t| t.same_channel(tx)) {
+        *g = None;
+    }
+}
+
+async fn close_sender(sender: Sender, stolen: bool) {
+    if stolen {
+        let _ = sender
+            .close_with_error(error(LinkError::Stolen, "the identity connected elsewhere"))
+            .await;
+    } else {
+        let _ = sender.close().await;
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Out {
+    Twin,
+    Methods,
+}
+
+/// Twin answers and desired pushes, or method requests, out on a sender
+/// link, pre-settled: a lost one is not redelivered (the device reads its
+/// whole twin again; a method caller gets its timeout), as over MQTT.
+async fn outbound(
+    state: Arc<ConnState>,
+    identity: Arc<str>,
+    links: Arc<IdentityLinks>,
+    mut sender: Sender,
+    kind: Out,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<AmqpMessage>(OUT_QUEUE);
+    let slot = match kind {
+        Out::Twin => &links.twin,
+        Out::Methods => &links.methods,
+    };
+    *slot.lock() = Some(tx.clone());
+    debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP link attached");
+    let mut stolen = false;
+    loop {
+        let m = tokio::select! {
+            m = rx.recv() => match m { Some(m) => m, None => break },
+            _ = links.taken_over.notified() => { stolen = true; break }
+            _ = shutdown.changed() => break,
+        };
+        let m = fe2o3_amqp::link::delivery::Sendable::builder()
+            .message(m)
+            .settled(true)
+            .build();
+        if let Err(e) = sender.send(m).await {
+            debug!(peer = %state.peer, identity = %identity, error = %e, "AMQP {kind:?} message not sent");
+            break;
+        }
+    }
+    release(slot, &tx);
+    if kind == Out::Twin {
+        links
+            .desired
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+    close_sender(sender, stolen).await;
+}
+
+/// Twin requests: `operation` GET, PATCH (`resource` `/properties/reported`),
+/// PUT and DELETE (`/notifications/twin/properties/desired`: desired-property
+/// pushes on and off), answered on the twin sender link under the request's
+/// correlation id.
+async fn twin_requests(
+    state: Arc<ConnState>,
+    identity: Arc<str>,
+    links: Arc<IdentityLinks>,
+    mut receiver: Receiver,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Symbol(s)) => Some(s.0.clone()),
+        _ => None,
+    };
+    loop {
+        let d = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
+            _ = links.taken_over.notified() => return,
+            _ = shutdown.changed() => return,
+        };
+        let info = DeliveryInfo::from(&d);
+        let m = d.message();
+        let corr = m
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.as_ref())
+            .map(message::id_text)
+            .unwrap_or_default();
+        let op = text(message::annotation(m, "operation")).unwrap_or_default();
+        let resource = text(message::annotation(m, "resource")).unwrap_or_default();
+        let desired_resource =
+            resource.eq_ignore_ascii_case("/notifications/twin/properties/desired");
+        let layer = &state.hub.layer;
+        match op.to_ascii_uppercase().as_str() {
+            "GET" => layer.twin_get(&identity, corr),
+            "PATCH" if resource.eq_ignore_ascii_case("/properties/reported") => {
+                layer.patch_reported(&identity, corr, message::body_bytes(&m.body))
+            }
+            "PUT" | "DELETE" if desired_resource => {
+                links.desired.store(
+                    op.eq_ignore_ascii_case("PUT"),
+                    std::sync::atomic::Ordering::Release,
+                );
+                offer(&links.twin, twin_answer(corr, 200, None, b""));
+            }
+            _ => {
+                let body = edgehub_device::error::error_body(
+                    edgehub_device::error::ErrorCode::ArgumentInvalid,
+                    &format!("twin operation {op:?} on {resource:?} is not supported"),
+                )
+                .to_string();
+                offer(&links.twin, twin_answer(corr, 400, None, body.as_bytes()));
+            }
+        }
+        let _ = receiver.accept(info).await;
+    }
+}
+
+/// Method answers: the request's correlation id, `IoThub-status`, the payload.
+async fn method_responses(
+    state: Arc<ConnState>,
+    identity: Arc<str>,
+    mut receiver: Receiver,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let d = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let info = DeliveryInfo::from(&d);
+        let m = d.message();
+        let rid = m
+            .properties
+            .as_ref()
+            .and_then(|p| p.correlation_id.as_ref())
+            .map(message::id_text)
+            .and_then(|c| u64::from_str_radix(&c, 16).ok());
+        let status = message::property(m, "IoThub-status").and_then(|s| s.parse::<i32>().ok());
+        match (rid, status) {
+            (Some(rid), Some(status)) => {
+                let payload = message::body_bytes(&m.body);
+                if !state
+                    .hub
+                    .layer
+                    .method_response(&identity, rid, status, payload)
+                {
+                    debug!(peer = %state.peer, identity = %identity, "method answer for no waiting call; ignored");
+                }
+                let _ = receiver.accept(info).await;
+            }
+            _ => {
+                let e = error(
+                    AmqpError::InvalidField,
+                    "a method answer needs the request's correlation-id and an IoThub-status property",
+                );
+                let _ = receiver.reject(info, e).await;
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     C2d,
@@ -630,12 +884,7 @@ async fn deliveries(
         }
     }
     // What is still queued goes to the next link.
-    {
-        let mut g = slot.lock();
-        if g.as_ref().is_some_and(|t| t.same_channel(&tx)) {
-            *g = None;
-        }
-    }
+    release(slot, &tx);
     drop(tx);
     rx.close();
     while let Ok(d) = rx.try_recv() {
@@ -643,13 +892,7 @@ async fn deliveries(
             receipt.lost();
         }
     }
-    if stolen {
-        let _ = sender
-            .close_with_error(error(LinkError::Stolen, "the identity connected elsewhere"))
-            .await;
-    } else {
-        let _ = sender.close().await;
-    }
+    close_sender(sender, stolen).await;
 }
 
 fn settle(receipt: &Receipt, outcome: Outcome) {

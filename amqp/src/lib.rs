@@ -6,7 +6,8 @@
 //! them, and the translation between AMQP messages, dispositions and the
 //! device layer's operations and deliveries: telemetry and module output
 //! (accepted once stored), cloud-to-device messages (Accepted completes,
-//! Rejected rejects, Released and Modified abandon) and module inputs.
+//! Rejected rejects, Released and Modified abandon), module inputs, twin
+//! requests and desired-property pushes, direct methods.
 //! Must not touch: IoT Hub semantics (`edgehub-device`), sockets or TLS
 //! (the hub's transports hand it a byte stream), storage.
 //!

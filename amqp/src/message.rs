@@ -160,6 +160,57 @@ pub fn telemetry(m: &AmqpMessage) -> Message {
     msg
 }
 
+/// A message annotation by name (symbol keys).
+pub fn annotation<'a>(m: &'a AmqpMessage, key: &str) -> Option<&'a Value> {
+    use fe2o3_amqp::types::messaging::annotations::OwnedKey;
+    m.message_annotations
+        .as_ref()?
+        .0
+        .iter()
+        .find_map(|(k, v)| match k {
+            OwnedKey::Symbol(s) if s.0.eq_ignore_ascii_case(key) => Some(v),
+            _ => None,
+        })
+}
+
+/// An application property as text, by name (any case).
+pub fn property(m: &AmqpMessage, key: &str) -> Option<String> {
+    m.application_properties
+        .as_ref()?
+        .0
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .and_then(|(_, v)| simple_text(v))
+}
+
+/// A reply or push on a twin or methods link: a Data body, the
+/// correlation id of the request it answers (if any), annotations and
+/// application properties as given.
+pub fn reply(
+    correlation: Option<String>,
+    annotations: Vec<(&str, Value)>,
+    properties: Vec<(&str, SimpleValue)>,
+    body: &[u8],
+) -> AmqpMessage {
+    let mut ann = MessageAnnotations::builder();
+    for (k, v) in annotations {
+        ann = ann.insert(Symbol::from(k), v);
+    }
+    let mut app = ApplicationProperties::builder();
+    for (k, v) in properties {
+        app = app.insert(k.to_owned(), v);
+    }
+    fe2o3_amqp::types::messaging::Message::builder()
+        .properties(Properties {
+            correlation_id: correlation.map(MessageId::String),
+            ..Default::default()
+        })
+        .message_annotations(ann.build())
+        .application_properties(app.build())
+        .body(Body::Data(vec![Data(Binary::from(body.to_vec()))].into()))
+        .build()
+}
+
 /// What the hub adds to a message it delivers.
 pub struct Outgoing<'a> {
     pub lock_token: Option<[u8; 16]>,

@@ -2,7 +2,9 @@
 (azure-iot-device-amqp, pinned in package-lock.json), unchanged, against the
 hub's AMQPS listener: SASL ANONYMOUS then a CBS put-token with the device's
 SAS token, telemetry links, cloud-to-device settlement and module inputs. The
-SDK dials port 5671, so the hub listens on 127.0.0.1:5671 here."""
+SDK dials port 5671, so the hub listens on 127.0.0.1:5671 here. Twins and
+direct methods over AMQP run in test_node_sdk.py, beside the same tests over
+MQTT."""
 
 import base64
 import json
@@ -156,3 +158,15 @@ def test_bad_credentials_are_refused(gateway, amqp, cs):
     assert got["connected"] is False, got
     assert s.finish() == 0
     assert gateway.outbox() == []
+
+
+def test_an_amqp_connection_takes_over_the_same_identitys_mqtt_connection(gateway, amqp):
+    over_mqtt = Scenario(gateway, "c2d", device_cs(), transport="mqtt")
+    try:
+        over_mqtt.next("ready")
+        over_amqp = amqp("c2d")
+        over_amqp.next("ready")
+        send_c2d(gateway, "to the newest link", "c2d-t")
+        assert over_amqp.next("c2d")["c2d"] == "to the newest link"
+    finally:
+        over_mqtt.finish()
