@@ -141,6 +141,41 @@ struct IdentityLinks {
     /// Told when another link (another connection, another head) took
     /// the identity over: its links here close.
     taken_over: Notify,
+    /// When the credential behind this identity runs out (unix seconds);
+    /// a renewed CBS token moves it.
+    valid_until: watch::Sender<u64>,
+}
+
+impl IdentityLinks {
+    /// Resolves once this identity's links must close, with the error
+    /// they close with: taken over, or the credential expired.
+    async fn ended(&self) -> definitions::Error {
+        let mut until = self.valid_until.subscribe();
+        let expired = async move {
+            loop {
+                let at = *until.borrow_and_update();
+                let now = now();
+                if at <= now {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(at - now)) => {}
+                    changed = until.changed() => {
+                        if changed.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.taken_over.notified() => error(LinkError::Stolen, "the identity connected elsewhere"),
+            _ = expired => error(
+                AmqpError::UnauthorizedAccess,
+                "the identity's token expired; put a new one on $cbs",
+            ),
+        }
+    }
 }
 
 struct Sink(Arc<IdentityLinks>);
@@ -248,7 +283,12 @@ pub(crate) struct ConnState {
 
 impl ConnState {
     pub fn grant(&self, a: Authenticated) {
-        self.granted.lock().insert(a.identity.to_lowercase(), a);
+        let key = a.identity.to_lowercase();
+        // A renewed token extends the links already open.
+        if let Some(links) = self.identities.lock().get(&key) {
+            links.valid_until.send_replace(a.valid_until);
+        }
+        self.granted.lock().insert(key, a);
     }
 
     /// The identity (as registered) this connection may act for under
@@ -277,6 +317,11 @@ impl ConnState {
 
     /// The identity's entry, attaching its device link on first use.
     fn identity(&self, identity: &Arc<str>) -> Arc<IdentityLinks> {
+        let valid_until = self
+            .granted
+            .lock()
+            .get(&identity.to_lowercase())
+            .map_or(u64::MAX, |a| a.valid_until);
         let mut ids = self.identities.lock();
         if let Some(l) = ids.get(&identity.to_lowercase()) {
             return l.clone();
@@ -289,6 +334,7 @@ impl ConnState {
             desired: Default::default(),
             methods: Mutex::new(None),
             taken_over: Notify::new(),
+            valid_until: watch::channel(valid_until).0,
         });
         ids.insert(identity.to_lowercase(), links.clone());
         drop(ids);
@@ -519,7 +565,7 @@ async fn serve_link(
             outbound(state, identity, links.clone(), s, Out::Twin, shutdown).await
         }
         (Address::Methods { .. }, LinkEndpoint::Receiver(r)) => {
-            method_responses(state, identity, r, shutdown).await
+            method_responses(state, identity, links, r, shutdown).await
         }
         (Address::Methods { .. }, LinkEndpoint::Sender(s)) => {
             outbound(state, identity, links.clone(), s, Out::Methods, shutdown).await
@@ -565,58 +611,86 @@ async fn telemetry(
                     return;
                 }
             },
-            _ = links.taken_over.notified() => {
-                let _ = receiver.close_with_error(error(LinkError::Stolen, "the identity connected elsewhere")).await;
+            e = links.ended() => {
+                let _ = receiver.close_with_error(e).await;
                 return;
             }
             _ = shutdown.changed() => return,
         };
-        let mut msg = message::telemetry(delivery.message());
-        // The SDKs put the link's own address in `to`: it says nothing the
-        // link does not, and over MQTT the same message has no `to`.
-        if msg
-            .system(edgehub_router::SystemProperty::To)
-            .is_some_and(|to| Address::parse(to).as_ref() == Some(&address))
-        {
-            msg.clear_system(edgehub_router::SystemProperty::To);
-        }
         let info = DeliveryInfo::from(&delivery);
-        if msg.body.len() > max {
-            let e = error(
-                LinkError::MessageSizeExceeded,
-                format!(
-                    "message of {} bytes is over the {max}-byte limit",
-                    msg.body.len()
-                ),
-            );
+        let parts = if delivery.message_format().as_ref() == Some(&message::BATCH_FORMAT) {
+            match message::batch(delivery.message()) {
+                Ok(parts) => parts.iter().map(message::telemetry).collect(),
+                Err(why) => {
+                    let _ = receiver
+                        .reject(info, error(AmqpError::DecodeError, why))
+                        .await;
+                    continue;
+                }
+            }
+        } else {
+            vec![message::telemetry(delivery.message())]
+        };
+        let mut stored = Vec::with_capacity(parts.len());
+        let mut refused = None;
+        for mut msg in parts {
+            // The SDKs put the link's own address in `to`: it says nothing
+            // the link does not, and over MQTT the same message has no `to`.
+            if msg
+                .system(edgehub_router::SystemProperty::To)
+                .is_some_and(|to| Address::parse(to).as_ref() == Some(&address))
+            {
+                msg.clear_system(edgehub_router::SystemProperty::To);
+            }
+            if msg.body.len() > max {
+                refused = Some(error(
+                    LinkError::MessageSizeExceeded,
+                    format!(
+                        "message of {} bytes is over the {max}-byte limit",
+                        msg.body.len()
+                    ),
+                ));
+                break;
+            }
+            match state.hub.layer.send_telemetry(&identity, msg) {
+                Ok(Some(s)) => stored.push(s),
+                // No route took it: accepted (the sender did nothing wrong).
+                Ok(None) => {}
+                Err(e) => {
+                    refused = Some(store_error(&e));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = refused {
             let _ = receiver.reject(info, e).await;
             continue;
         }
-        match state.hub.layer.send_telemetry(&identity, msg) {
-            Ok(Some(stored)) => {
-                let disposer = receiver.disposer();
-                let refused_tx = refused_tx.clone();
-                tokio::spawn(async move {
-                    match stored.await {
-                        Ok(_) => {
-                            if let Err(e) = disposer.accept(info).await {
-                                debug!(error = %e, "telemetry settlement not sent");
-                            }
-                        }
-                        Err(e) => {
-                            let _ = refused_tx.send((info, store_error(&e)));
-                        }
-                    }
-                });
-            }
-            // No route took it: accepted (the sender did nothing wrong).
-            Ok(None) => {
-                let _ = receiver.accept(info).await;
-            }
-            Err(e) => {
-                let _ = receiver.reject(info, store_error(&e)).await;
-            }
+        if stored.is_empty() {
+            let _ = receiver.accept(info).await;
+            continue;
         }
+        // Accepted once every message of the transfer is stored.
+        let disposer = receiver.disposer();
+        let refused_tx = refused_tx.clone();
+        tokio::spawn(async move {
+            let mut failure = None;
+            for s in stored {
+                if let Err(e) = s.await {
+                    failure.get_or_insert(e);
+                }
+            }
+            match failure {
+                None => {
+                    if let Err(e) = disposer.accept(info).await {
+                        debug!(error = %e, "telemetry settlement not sent");
+                    }
+                }
+                Some(e) => {
+                    let _ = refused_tx.send((info, store_error(&e)));
+                }
+            }
+        });
     }
 }
 
@@ -636,13 +710,14 @@ fn release<T>(slot: &Mutex<Option<mpsc::Sender<T>>>, tx: &mpsc::Sender<T>) {
     }
 }
 
-async fn close_sender(sender: Sender, stolen: bool) {
-    if stolen {
-        let _ = sender
-            .close_with_error(error(LinkError::Stolen, "the identity connected elsewhere"))
-            .await;
-    } else {
-        let _ = sender.close().await;
+async fn close_sender(sender: Sender, ended: Option<definitions::Error>) {
+    match ended {
+        Some(e) => {
+            let _ = sender.close_with_error(e).await;
+        }
+        None => {
+            let _ = sender.close().await;
+        }
     }
 }
 
@@ -670,11 +745,11 @@ async fn outbound(
     };
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP link attached");
-    let mut stolen = false;
+    let mut ended = None;
     loop {
         let m = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => break },
-            _ = links.taken_over.notified() => { stolen = true; break }
+            e = links.ended() => { ended = Some(e); break }
             _ = shutdown.changed() => break,
         };
         let m = fe2o3_amqp::link::delivery::Sendable::builder()
@@ -692,7 +767,7 @@ async fn outbound(
             .desired
             .store(false, std::sync::atomic::Ordering::Release);
     }
-    close_sender(sender, stolen).await;
+    close_sender(sender, ended).await;
 }
 
 /// Twin requests: `operation` GET, PATCH (`resource` `/properties/reported`),
@@ -714,7 +789,10 @@ async fn twin_requests(
     loop {
         let d = tokio::select! {
             d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
-            _ = links.taken_over.notified() => return,
+            e = links.ended() => {
+                let _ = receiver.close_with_error(e).await;
+                return;
+            }
             _ = shutdown.changed() => return,
         };
         let info = DeliveryInfo::from(&d);
@@ -759,12 +837,17 @@ async fn twin_requests(
 async fn method_responses(
     state: Arc<ConnState>,
     identity: Arc<str>,
+    links: Arc<IdentityLinks>,
     mut receiver: Receiver,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         let d = tokio::select! {
             d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
+            e = links.ended() => {
+                let _ = receiver.close_with_error(e).await;
+                return;
+            }
             _ = shutdown.changed() => return,
         };
         let info = DeliveryInfo::from(&d);
@@ -825,12 +908,12 @@ async fn deliveries(
     // A newer link of the same kind replaces this one.
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP delivery link attached");
-    let mut stolen = false;
+    let mut ended = None;
     loop {
         let d = tokio::select! {
             d = rx.recv() => match d { Some(d) => d, None => break },
-            _ = links.taken_over.notified() => {
-                stolen = true;
+            e = links.ended() => {
+                ended = Some(e);
                 break;
             }
             _ = shutdown.changed() => break,
@@ -892,7 +975,7 @@ async fn deliveries(
             receipt.lost();
         }
     }
-    close_sender(sender, stolen).await;
+    close_sender(sender, ended).await;
 }
 
 fn settle(receipt: &Receipt, outcome: Outcome) {

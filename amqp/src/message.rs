@@ -105,6 +105,27 @@ pub fn body_bytes(body: &Body<Value>) -> Bytes {
     }
 }
 
+/// The message format of a batch: each Data section of the body is one
+/// whole encoded message.
+pub const BATCH_FORMAT: u32 = 0x8001_3700;
+
+/// The messages of a batch's body.
+pub fn batch(outer: &AmqpMessage) -> Result<Vec<AmqpMessage>, String> {
+    use fe2o3_amqp::types::messaging::message::DecodeIntoMessage;
+    let Body::Data(sections) = &outer.body else {
+        return Err("a batch's body must be Data sections, one message each".into());
+    };
+    sections
+        .iter()
+        .map(|Data(b)| {
+            <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(
+                serde_amqp::read::SliceReader::new(b),
+            )
+            .map_err(|e| format!("a batched message does not decode: {e}"))
+        })
+        .collect()
+}
+
 /// A telemetry message as a device sent it over AMQP.
 pub fn telemetry(m: &AmqpMessage) -> Message {
     let mut msg = Message::new(body_bytes(&m.body));

@@ -116,6 +116,16 @@ def open_cbs(c):
     c.next("attached", where=lambda e: e["attached"] == "cbsReplies")
 
 
+def telemetry_link(raw):
+    """A connection that proved dev1 over CBS, with its telemetry sender "t"."""
+    c = raw()
+    open_cbs(c)
+    assert cbs(c, "dev1", token(audience("dev1"), KEYS["dev1"]), "t1") == 200
+    c.do("sender", name="t", address="/devices/dev1/messages/events")
+    c.next("attached", where=lambda e: e["attached"] == "t")
+    return c
+
+
 def detached(c, name):
     return c.next("detached", where=lambda e: e["detached"] == name)["error"]
 
@@ -184,11 +194,7 @@ def test_another_identitys_address_and_unknown_addresses_are_refused(hub, raw):
 
 
 def test_an_oversized_message_is_refused_and_nothing_is_stored(hub, raw):
-    c = raw()
-    open_cbs(c)
-    assert cbs(c, "dev1", token(audience("dev1"), KEYS["dev1"]), "t1") == 200
-    c.do("sender", name="t", address="/devices/dev1/messages/events")
-    c.next("attached", where=lambda e: e["attached"] == "t")
+    c = telemetry_link(raw)
     c.do("send", name="t", bodyBytes=300 * 1024, tag="big")
     # Refused either as the delivery's outcome or by detaching the link.
     deadline = time.time() + 10
@@ -254,3 +260,35 @@ def test_malformed_input_closes_only_that_connection(hub, raw, garbage):
     c = raw()
     open_cbs(c)
     assert cbs(c, "dev1", token(audience("dev1"), KEYS["dev1"]), "after") == 200
+
+
+def test_links_close_when_the_token_expires_and_a_renewed_token_extends_them(hub, raw):
+    c = raw()
+    open_cbs(c)
+    # Valid for the clock-skew allowance only: about 6 s from now.
+    short = token(audience("dev1"), KEYS["dev1"], ttl=-294)
+    assert cbs(c, "dev1", short, "short") == 200
+    c.do("sender", name="t", address="/devices/dev1/messages/events")
+    c.next("attached", where=lambda e: e["attached"] == "t")
+    err = c.next("detached", timeout=20, where=lambda e: e["detached"] == "t")["error"]
+    assert err["condition"] == "amqp:unauthorized-access", err
+    # A second identity's link is renewed in time and stays.
+    assert cbs(c, "dev2", token(audience("dev2"), KEYS["dev2"], ttl=-294), "short2") == 200
+    c.do("sender", name="t2", address="/devices/dev2/messages/events")
+    c.next("attached", where=lambda e: e["attached"] == "t2")
+    assert cbs(c, "dev2", token(audience("dev2"), KEYS["dev2"]), "renewed") == 200
+    with pytest.raises(AssertionError):
+        c.next("detached", timeout=10, where=lambda e: e["detached"] == "t2")
+    c.do("send", name="t2", body="still here", tag="late")
+    assert c.next("settled", where=lambda e: e["settled"] == "late")["state"] == "accepted"
+
+
+def test_a_batch_is_split_into_its_messages_each_routed(hub, raw):
+    c = telemetry_link(raw)
+    c.do("sendBatch", name="t", bodies=["one", "two", "three"], tag="b1")
+    assert c.next("settled", where=lambda e: e["settled"] == "b1")["state"] == "accepted"
+    out = hub.outbox()
+    assert [base64.b64decode(m["body"]) for m in out] == [b"one", b"two", b"three"]
+    assert [m["properties"] for m in out] == [{"part": "0"}, {"part": "1"}, {"part": "2"}]
+    assert [m["system_properties"]["messageId"] for m in out] == ["b1-0", "b1-1", "b1-2"]
+    assert all(m["system_properties"]["connectionDeviceId"] == "dev1" for m in out)
