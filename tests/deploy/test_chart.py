@@ -96,7 +96,7 @@ def test_renders_valid_manifests(name):
     else:
         assert by_kind(docs, "PersistentVolumeClaim", claim)
     svc = by_kind(docs, "Service", "edgehub")
-    assert [(p["port"], p["protocol"]) for p in svc["spec"]["ports"]] == [(8883, "TCP")]
+    assert [(p["port"], p["protocol"]) for p in svc["spec"]["ports"]] == [(8883, "TCP"), (5671, "TCP")]
     # The hub gets no Kubernetes rights.
     assert by_kind(docs, "ServiceAccount", "edgehub")["automountServiceAccountToken"] is False
 
