@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Persisted QoS 1 telemetry through the whole hub: edgehub-loadtest in IoT Hub
 # mode (devices with SAS tokens on their telemetry topics, so every message is
-# routed and committed to RocksDB before its PUBACK) against edgehub with
-# --durability fsync and os-buffered, in the same session as
+# routed and committed to RocksDB before its PUBACK or AMQP Accepted) against
+# edgehub with --durability fsync and os-buffered over MQTT and fsync over
+# AMQP, in the same session as
 #  - the raw sync rate of the same disk (examples/fsync_rate.rs), the physical
 #    limit of one-sync-per-message, and
 #  - mosquitto (QoS 1, generic topics, persistence off) as the reference broker.
@@ -47,17 +48,22 @@ fi
 start_hub() { # durability
     rm -rf "$work/hub"
     "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+        --amqps-listen 127.0.0.1:15671 \
         --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
         --durability "$1" --log warn > "$work/hub.out" 2>&1 &
     pid=$!
     for _ in $(seq 100); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done
 }
 
-for durability in fsync os-buffered; do
+# The durable path over MQTT with both durabilities, then over AMQP (the
+# same devices and traffic through the AMQP head, --durability fsync).
+for run in "fsync mqtts://localhost:18883" "os-buffered mqtts://localhost:18883" \
+    "fsync amqps://localhost:15671"; do
+    set -- $run "$@"; durability="$1"; target="$2"; shift 2
     start_hub "$durability"
     echo
-    echo "== edgehub --durability $durability: QoS 1 telemetry, $devices devices, 256 B, TLS, ${secs}s $*"
-    "$target_dir/release/edgehub-loadtest" --target mqtts://localhost:18883 --ca "$work/hub/ca.pem" \
+    echo "== edgehub --durability $durability, ${target%%:*}: QoS 1 telemetry, $devices devices, 256 B, TLS, ${secs}s $*"
+    "$target_dir/release/edgehub-loadtest" --target "$target" --ca "$work/hub/ca.pem" \
         --connection-strings "$work/cs.txt" --devices "$devices" --ramp 2000 --qos 1 --payload 256 \
         --inflight 10 --duration "$secs" "$@"
     stored=$(curl -s "http://$(awk '/listening management/ {print $3}' "$work/hub.out")/metrics" | awk '/^edgehub_messages_stored_total/ {print $2}')

@@ -32,24 +32,28 @@ use serde::Serialize;
 use std::sync::Mutex;
 use tokio::sync::watch;
 
-/// Where to send traffic: `mqtt://host:port` or `mqtts://host:port`.
+/// Where to send traffic: `mqtt://host:port`, `mqtts://host:port`, or
+/// `amqps://host:port` (IoT Hub's AMQP endpoint; IoT Hub mode only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Target {
     pub tls: bool,
     pub host: String,
     pub port: u16,
+    pub amqp: bool,
 }
 
 impl std::str::FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Target, String> {
-        let (tls, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
-            (true, r)
+        let (tls, amqp, rest) = if let Some(r) = s.strip_prefix("mqtts://") {
+            (true, false, r)
         } else if let Some(r) = s.strip_prefix("mqtt://") {
-            (false, r)
+            (false, false, r)
+        } else if let Some(r) = s.strip_prefix("amqps://") {
+            (true, true, r)
         } else {
             return Err(format!(
-                "{s:?}: expected mqtt://host:port or mqtts://host:port"
+                "{s:?}: expected mqtt://host:port, mqtts://host:port or amqps://host:port"
             ));
         };
         let (host, port) = rest
@@ -60,6 +64,7 @@ impl std::str::FromStr for Target {
             tls,
             host: host.trim_matches(['[', ']']).to_owned(),
             port,
+            amqp,
         })
     }
 }
@@ -69,7 +74,11 @@ impl std::fmt::Display for Target {
         write!(
             f,
             "{}://{}:{}",
-            if self.tls { "mqtts" } else { "mqtt" },
+            match (self.amqp, self.tls) {
+                (true, _) => "amqps",
+                (false, true) => "mqtts",
+                (false, false) => "mqtt",
+            },
             self.host,
             self.port
         )
@@ -545,6 +554,171 @@ async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
     sh.ack_hist.lock().unwrap().add(&hist).expect("same bounds");
 }
 
+/// Devices over AMQP: SASL PLAIN with the device's SAS token, one
+/// telemetry sender link, `inflight` unsettled transfers in flight, each
+/// acknowledged by its Accepted disposition.
+mod amqp {
+    use super::*;
+    use fe2o3_amqp::connection::ConnectionHandle;
+    use fe2o3_amqp::sasl_profile::SaslProfile;
+    use fe2o3_amqp::types::messaging::{message::Body, Data, Outcome};
+    use fe2o3_amqp::types::primitives::{Binary, Value};
+    use fe2o3_amqp::{Connection, Sender, Session};
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+
+    /// fe2o3 wants a `Debug` stream.
+    struct Io(Box<dyn edgehub_mqtt_client::Io>);
+
+    impl std::fmt::Debug for Io {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Io")
+        }
+    }
+
+    impl tokio::io::AsyncRead for Io {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Io {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut *self.0).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+        }
+    }
+
+    async fn open(
+        sh: &Shared,
+        id: &iothub::DeviceIdentity,
+    ) -> Result<(ConnectionHandle<()>, fe2o3_amqp::session::SessionHandle<()>, Sender), String> {
+        let cfg = &sh.cfg;
+        let io = edgehub_mqtt_client::dial(&cfg.target.host, cfg.target.port, sh.tls.as_ref(), cfg.connect_timeout)
+            .await
+            .map_err(|e| format!("dial: {e}"))?;
+        let hub = id.host.split('.').next().unwrap_or_default();
+        let open = Connection::builder()
+            .container_id(id.device_id.clone())
+            .hostname(cfg.target.host.as_str())
+            .sasl_profile(SaslProfile::Plain {
+                username: format!("{}@sas.{hub}", id.device_id),
+                password: id.sas_token(3600),
+            })
+            .open_with_stream(Io(io));
+        let mut conn = tokio::time::timeout(cfg.connect_timeout, open)
+            .await
+            .map_err(|_| "amqp open: timeout".to_owned())?
+            .map_err(|e| format!("amqp open: {e}"))?;
+        let mut session = Session::begin(&mut conn)
+            .await
+            .map_err(|e| format!("amqp begin: {e}"))?;
+        let address = format!("/devices/{}/messages/events", id.device_id);
+        let sender = Sender::attach(&mut session, format!("{}-telemetry", id.device_id), address)
+            .await
+            .map_err(|e| format!("amqp attach: {e}"))?;
+        Ok((conn, session, sender))
+    }
+
+    pub(super) async fn device(sh: Arc<Shared>, i: usize, mut stop: watch::Receiver<bool>) {
+        ramp_slot(&sh).await;
+        if *stop.borrow() {
+            return;
+        }
+        let cfg = &sh.cfg;
+        let Some(id) = cfg.identities.get(i) else {
+            sh.error("amqps:// needs IoT Hub mode (--connection-strings or --provision)");
+            return;
+        };
+        let (mut conn, mut session, mut sender) = match open(&sh, id).await {
+            Ok(x) => x,
+            Err(e) => {
+                sh.counters.connect_failures.fetch_add(1, Ordering::Relaxed);
+                sh.error(e);
+                return;
+            }
+        };
+        sh.counters.connected.fetch_add(1, Ordering::Relaxed);
+        let mut hist = new_hist();
+        let measure_from = sh.start + cfg.warmup;
+        let deadline = cfg.duration.map(|d| tokio::time::Instant::now() + d);
+        let filler = vec![0x5Au8; cfg.payload_bytes.saturating_sub(8)];
+        let window = cfg.inflight.max(1);
+        let mut inflight = FuturesUnordered::new();
+        let mut sent: u64 = 0;
+        loop {
+            let done = *stop.borrow()
+                || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+                || cfg.count_per_device.is_some_and(|n| sent >= n);
+            while !done && inflight.len() < window {
+                let now = Instant::now();
+                let stamp = (now - sh.start).as_nanos() as u64;
+                let mut payload = Vec::with_capacity(cfg.payload_bytes.max(8));
+                payload.extend_from_slice(&stamp.to_le_bytes());
+                payload.extend_from_slice(&filler);
+                let msg = fe2o3_amqp::types::messaging::Message::builder()
+                    .body(Body::<Value>::Data(vec![Data(Binary::from(payload))].into()))
+                    .build();
+                match sender.send_batchable(msg).await {
+                    Ok(fut) => inflight.push(async move { (now, fut.await) }),
+                    Err(e) => {
+                        sh.error(format!("amqp send: {e}"));
+                        break;
+                    }
+                }
+                sent += 1;
+                sh.counters.published.fetch_add(1, Ordering::Relaxed);
+                if cfg.count_per_device.is_some_and(|n| sent >= n) {
+                    break;
+                }
+            }
+            if done && inflight.is_empty() {
+                break;
+            }
+            let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                Some((at, outcome)) = inflight.next() => match outcome {
+                    Ok(Outcome::Accepted(_)) => {
+                        if at >= measure_from {
+                            let _ = hist.record(at.elapsed().as_micros().max(1) as u64);
+                        }
+                        sh.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(other) => sh.error(format!("amqp outcome {other:?}")),
+                    Err(e) => {
+                        sh.error(format!("amqp settlement: {e}"));
+                        break;
+                    }
+                },
+                _ = tokio::time::sleep_until(wake), if !done => {}
+                _ = stop.changed(), if !done => {}
+            }
+        }
+        let _ = sender.close().await;
+        let _ = session.end().await;
+        let _ = conn.close().await;
+        sh.ack_hist.lock().unwrap().add(&hist).expect("same bounds");
+    }
+}
+
 async fn subscriber(
     sh: Arc<Shared>,
     i: usize,
@@ -666,7 +840,11 @@ pub async fn run(
     let started = Instant::now();
     let mut devices = Vec::with_capacity(cfg.devices);
     for i in 0..cfg.devices {
-        devices.push(tokio::spawn(device(sh.clone(), i, stop_rx.clone())));
+        if cfg.target.amqp {
+            devices.push(tokio::spawn(amqp::device(sh.clone(), i, stop_rx.clone())));
+        } else {
+            devices.push(tokio::spawn(device(sh.clone(), i, stop_rx.clone())));
+        }
     }
     let all = async {
         for d in devices {

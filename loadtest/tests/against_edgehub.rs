@@ -119,6 +119,7 @@ fn targets_parse_with_clear_errors() {
     assert_eq!(
         "mqtts://localhost:8883".parse::<Target>().unwrap(),
         Target {
+            amqp: false,
             tls: true,
             host: "localhost".into(),
             port: 8883
