@@ -610,11 +610,23 @@ mod amqp {
     async fn open(
         sh: &Shared,
         id: &iothub::DeviceIdentity,
-    ) -> Result<(ConnectionHandle<()>, fe2o3_amqp::session::SessionHandle<()>, Sender), String> {
+    ) -> Result<
+        (
+            ConnectionHandle<()>,
+            fe2o3_amqp::session::SessionHandle<()>,
+            Sender,
+        ),
+        String,
+    > {
         let cfg = &sh.cfg;
-        let io = edgehub_mqtt_client::dial(&cfg.target.host, cfg.target.port, sh.tls.as_ref(), cfg.connect_timeout)
-            .await
-            .map_err(|e| format!("dial: {e}"))?;
+        let io = edgehub_mqtt_client::dial(
+            &cfg.target.host,
+            cfg.target.port,
+            sh.tls.as_ref(),
+            cfg.connect_timeout,
+        )
+        .await
+        .map_err(|e| format!("dial: {e}"))?;
         let hub = id.host.split('.').next().unwrap_or_default();
         let open = Connection::builder()
             .container_id(id.device_id.clone())
@@ -675,7 +687,9 @@ mod amqp {
                 payload.extend_from_slice(&stamp.to_le_bytes());
                 payload.extend_from_slice(&filler);
                 let msg = fe2o3_amqp::types::messaging::Message::builder()
-                    .body(Body::<Value>::Data(vec![Data(Binary::from(payload))].into()))
+                    .body(Body::<Value>::Data(
+                        vec![Data(Binary::from(payload))].into(),
+                    ))
                     .build();
                 match sender.send_batchable(msg).await {
                     Ok(fut) => inflight.push(async move { (now, fut.await) }),
@@ -693,7 +707,8 @@ mod amqp {
             if done && inflight.is_empty() {
                 break;
             }
-            let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let wake =
+                deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 Some((at, outcome)) = inflight.next() => match outcome {
                     Ok(Outcome::Accepted(_)) => {
