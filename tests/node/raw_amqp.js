@@ -45,6 +45,10 @@ const commands = {
       opts.password = c.password;
     }
     if (c.sasl === false) opts.sasl = { enabled: false };
+    if (c.cert) {
+      opts.cert = fs.readFileSync(c.cert);
+      opts.key = fs.readFileSync(c.key);
+    }
     conn = container.connect(opts);
     conn.on('connection_open', () => say({ open: true }));
     conn.on('connection_error', (ctx) => say({ connectionError: String(ctx.connection.error && ctx.connection.error.condition) }));

@@ -292,3 +292,26 @@ def test_a_batch_is_split_into_its_messages_each_routed(hub, raw):
     assert [m["properties"] for m in out] == [{"part": "0"}, {"part": "1"}, {"part": "2"}]
     assert [m["system_properties"]["messageId"] for m in out] == ["b1-0", "b1-1", "b1-2"]
     assert all(m["system_properties"]["connectionDeviceId"] == "dev1" for m in out)
+
+
+def test_an_x509_device_is_authenticated_by_its_tls_client_certificate(hub, raw, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("certs", HERE.parent / "python" / "certs.py")
+    certs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(certs)
+    cert, key = certs.make_cert("x1")
+    cert_path, key_path = certs.write(tmp_path, "x1", cert, key)
+    hub.api("PUT", "/devices/x1", {"authentication": {
+        "type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": certs.thumbprint(cert)}}})
+    c = raw()
+    c.do("connect", cert=str(cert_path), key=str(key_path))
+    c.next("open")
+    c.do("sender", name="x", address="/devices/x1/messages/events")
+    c.next("attached", where=lambda e: e["attached"] == "x")
+    c.do("send", name="x", body="by certificate", tag="x-1")
+    assert c.next("settled", where=lambda e: e["settled"] == "x-1")["state"] == "accepted"
+    [m] = hub.outbox()
+    assert m["system_properties"]["connectionDeviceId"] == "x1"
+    # The certificate proves x1, not a key device.
+    c.do("sender", name="other", address="/devices/dev1/messages/events")
+    assert detached(c, "other")["condition"] == "amqp:unauthorized-access"
