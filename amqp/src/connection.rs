@@ -597,6 +597,10 @@ async fn telemetry(
     // Refusals of the store come back here: fe2o3's disposer can accept
     // from any task, but only the receiver itself can reject.
     let (refused_tx, mut refused) = mpsc::unbounded_channel::<(DeliveryInfo, definitions::Error)>();
+    // Made once: a fresh one per transfer would cost a timer and miss a
+    // takeover told between two transfers.
+    let ended = links.ended();
+    tokio::pin!(ended);
     loop {
         let delivery = tokio::select! {
             biased;
@@ -611,7 +615,7 @@ async fn telemetry(
                     return;
                 }
             },
-            e = links.ended() => {
+            e = &mut ended => {
                 let _ = receiver.close_with_error(e).await;
                 return;
             }
@@ -746,10 +750,12 @@ async fn outbound(
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP link attached");
     let mut ended = None;
+    let end = links.ended();
+    tokio::pin!(end);
     loop {
         let m = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => break },
-            e = links.ended() => { ended = Some(e); break }
+            e = &mut end => { ended = Some(e); break }
             _ = shutdown.changed() => break,
         };
         let m = fe2o3_amqp::link::delivery::Sendable::builder()
@@ -786,10 +792,12 @@ async fn twin_requests(
         Some(Value::Symbol(s)) => Some(s.0.clone()),
         _ => None,
     };
+    let end = links.ended();
+    tokio::pin!(end);
     loop {
         let d = tokio::select! {
             d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
-            e = links.ended() => {
+            e = &mut end => {
                 let _ = receiver.close_with_error(e).await;
                 return;
             }
@@ -841,10 +849,12 @@ async fn method_responses(
     mut receiver: Receiver,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let end = links.ended();
+    tokio::pin!(end);
     loop {
         let d = tokio::select! {
             d = receiver.recv::<Body<Value>>() => match d { Ok(d) => d, Err(_) => return },
-            e = links.ended() => {
+            e = &mut end => {
                 let _ = receiver.close_with_error(e).await;
                 return;
             }
@@ -909,10 +919,12 @@ async fn deliveries(
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP delivery link attached");
     let mut ended = None;
+    let end = links.ended();
+    tokio::pin!(end);
     loop {
         let d = tokio::select! {
             d = rx.recv() => match d { Some(d) => d, None => break },
-            e = links.ended() => {
+            e = &mut end => {
                 ended = Some(e);
                 break;
             }
