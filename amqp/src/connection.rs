@@ -77,7 +77,7 @@ impl<S> std::fmt::Debug for Io<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Io<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Io<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -98,6 +98,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Io<S> {
         match me.guard.check(&buf.filled()[before..]) {
             Ok(()) => std::task::Poll::Ready(Ok(())),
             Err(e) => {
+                if me.guard.in_amqp_layer() {
+                    // Best effort, before the connection drops: the frame
+                    // is small and a TLS write is buffered.
+                    let close = crate::guard::decode_error_close(&e.to_string());
+                    let mut inner = std::pin::Pin::new(&mut me.inner);
+                    if let std::task::Poll::Ready(Ok(_)) = inner.as_mut().poll_write(cx, &close) {
+                        let _ = inner.poll_flush(cx);
+                    }
+                }
                 std::task::Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
             }
         }

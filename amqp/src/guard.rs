@@ -20,6 +20,9 @@ pub struct FrameGuard {
     /// The body's first byte is still to come: it must start a described
     /// type (every performative and SASL frame body is one).
     expect_described: bool,
+    /// The last protocol header was AMQP's (not SASL's): frames are
+    /// performatives, and a Close can answer a broken one.
+    amqp: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +48,7 @@ impl FrameGuard {
             body_left: 0,
             ext_left: 0,
             expect_described: false,
+            amqp: false,
         }
     }
 
@@ -81,6 +85,7 @@ impl FrameGuard {
                 if !matches!(self.head[4..], [0, 1, 0, 0] | [3, 1, 0, 0]) {
                     return Err(FrameError::BadProtocolHeader(self.head));
                 }
+                self.amqp = self.head[4] == 0;
                 continue;
             }
             let size = u32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
@@ -103,6 +108,32 @@ impl FrameGuard {
         }
         Ok(())
     }
+}
+
+impl FrameGuard {
+    /// Whether the stream is in the AMQP layer (past an AMQP protocol
+    /// header), where a Close performative can carry the error.
+    pub fn in_amqp_layer(&self) -> bool {
+        self.amqp
+    }
+}
+
+/// A Close frame (channel 0) with `amqp:decode-error` and `description`.
+pub fn decode_error_close(description: &str) -> Vec<u8> {
+    use fe2o3_amqp::types::definitions::{AmqpError, Error};
+    use fe2o3_amqp::types::performatives::Close;
+    let close = Close {
+        error: Some(Error::new(
+            AmqpError::DecodeError,
+            Some(description.to_owned()),
+            None,
+        )),
+    };
+    let body = serde_amqp::to_vec(&close).unwrap_or_default();
+    let mut frame = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+    frame.extend([2, 0, 0, 0]);
+    frame.extend(body);
+    frame
 }
 
 #[cfg(test)]
@@ -134,6 +165,20 @@ mod tests {
                 g.check(part).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn the_decode_error_close_is_a_well_formed_frame() {
+        let f = decode_error_close("frame size 4 is under the 8-byte frame header");
+        let mut g = FrameGuard::new(1024);
+        g.check(b"AMQP\x00\x01\x00\x00").unwrap();
+        g.check(&f).unwrap();
+        assert!(g.in_amqp_layer());
+        let text = String::from_utf8_lossy(&f);
+        assert!(
+            text.contains("amqp:decode-error") && text.contains("frame size 4"),
+            "{text}"
+        );
     }
 
     #[test]

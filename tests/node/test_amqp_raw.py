@@ -246,15 +246,19 @@ def test_malformed_input_closes_only_that_connection(hub, raw, garbage):
             s.sendall(garbage)
             s.settimeout(10)
             closed = False
+            data = b""
             try:
-                while s.recv(4096):
-                    pass
+                while chunk := s.recv(4096):
+                    data += chunk
                 closed = True
             except (ssl.SSLError, ConnectionResetError):
                 closed = True
             except socket.timeout:
                 pass
     assert closed, "the hub closes a connection that sends malformed input"
+    if garbage.startswith(b"AMQP\x00"):
+        # A broken frame after the AMQP header is answered with a Close.
+        assert b"amqp:decode-error" in data, data
     assert hub.proc.poll() is None, "the hub is still running"
     # And a well-behaved client is served right after.
     c = raw()
