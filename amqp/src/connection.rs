@@ -254,10 +254,8 @@ impl LinkSink for Sink {
             }
         };
         let Some(q) = queue else {
-            if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } =
-                &d
-            {
-                receipt.cancel();
+            if let Some(r) = d.receipt() {
+                r.cancel();
             }
             return Offer::NotListening;
         };
@@ -266,9 +264,8 @@ impl LinkSink for Sink {
             Err(mpsc::error::TrySendError::Full(d)) => (d, Offer::Full),
             Err(mpsc::error::TrySendError::Closed(d)) => (d, Offer::NotListening),
         };
-        if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } = &d
-        {
-            receipt.cancel();
+        if let Some(r) = d.receipt() {
+            r.cancel();
         }
         offer
     }
@@ -559,7 +556,15 @@ async fn serve_link(
     let links = state.identity(&identity);
     match (address, endpoint) {
         (address @ Address::Events { .. }, LinkEndpoint::Receiver(r)) => {
-            telemetry(state, identity, address, links, r, shutdown).await
+            telemetry(
+                state,
+                identity,
+                (text.as_str(), address),
+                links,
+                r,
+                shutdown,
+            )
+            .await
         }
         (Address::Events { .. }, LinkEndpoint::Sender(s)) if identity.contains('/') => {
             deliveries(state, identity, links, s, Kind::Inputs, shutdown).await
@@ -597,7 +602,8 @@ async fn serve_link(
 async fn telemetry(
     state: Arc<ConnState>,
     identity: Arc<str>,
-    address: Address,
+    // The link's address as the client wrote it, and as read.
+    (text, address): (&str, Address),
     links: Arc<IdentityLinks>,
     mut receiver: Receiver,
     mut shutdown: watch::Receiver<bool>,
@@ -651,7 +657,10 @@ async fn telemetry(
             // the link does not, and over MQTT the same message has no `to`.
             if msg
                 .system(edgehub_router::SystemProperty::To)
-                .is_some_and(|to| Address::parse(to).as_ref() == Some(&address))
+                // Compared as text first: parsing allocates, per message.
+                .is_some_and(|to| {
+                    to.eq_ignore_ascii_case(text) || Address::parse(to).as_ref() == Some(&address)
+                })
             {
                 msg.clear_system(edgehub_router::SystemProperty::To);
             }
@@ -715,6 +724,21 @@ fn store_error(e: &edgehub_store::StoreError) -> definitions::Error {
     }
 }
 
+/// The next message for a sender link, or why the link ends: `Some` error
+/// to close it with (taken over, token expired), `None` to close it quietly
+/// (its queue replaced, the hub shutting down).
+async fn next_out<T>(
+    rx: &mut mpsc::Receiver<T>,
+    end: std::pin::Pin<&mut impl std::future::Future<Output = definitions::Error>>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<T, Option<definitions::Error>> {
+    tokio::select! {
+        m = rx.recv() => m.ok_or(None),
+        e = end => Err(Some(e)),
+        _ = shutdown.changed() => Err(None),
+    }
+}
+
 /// Frees a link's queue slot, unless a newer link took it already.
 fn release<T>(slot: &Mutex<Option<mpsc::Sender<T>>>, tx: &mpsc::Sender<T>) {
     let mut g = slot.lock();
@@ -758,14 +782,12 @@ async fn outbound(
     };
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP link attached");
-    let mut ended = None;
     let end = links.ended();
     tokio::pin!(end);
-    loop {
-        let m = tokio::select! {
-            m = rx.recv() => match m { Some(m) => m, None => break },
-            e = &mut end => { ended = Some(e); break }
-            _ = shutdown.changed() => break,
+    let ended = loop {
+        let m = match next_out(&mut rx, end.as_mut(), &mut shutdown).await {
+            Ok(m) => m,
+            Err(e) => break e,
         };
         let m = fe2o3_amqp::link::delivery::Sendable::builder()
             .message(m)
@@ -773,9 +795,9 @@ async fn outbound(
             .build();
         if let Err(e) = sender.send(m).await {
             debug!(peer = %state.peer, identity = %identity, error = %e, "AMQP {kind:?} message not sent");
-            break;
+            break None;
         }
-    }
+    };
     release(slot, &tx);
     if kind == Out::Twin {
         links
@@ -927,17 +949,12 @@ async fn deliveries(
     // A newer link of the same kind replaces this one.
     *slot.lock() = Some(tx.clone());
     debug!(peer = %state.peer, identity = %identity, ?kind, "AMQP delivery link attached");
-    let mut ended = None;
     let end = links.ended();
     tokio::pin!(end);
-    loop {
-        let d = tokio::select! {
-            d = rx.recv() => match d { Some(d) => d, None => break },
-            e = &mut end => {
-                ended = Some(e);
-                break;
-            }
-            _ = shutdown.changed() => break,
+    let ended = loop {
+        let d = match next_out(&mut rx, end.as_mut(), &mut shutdown).await {
+            Ok(d) => d,
+            Err(e) => break e,
         };
         let (amqp, receipt) = match d {
             Delivery::CloudToDevice {
@@ -983,17 +1000,17 @@ async fn deliveries(
             Err(e) => {
                 receipt.lost();
                 debug!(peer = %state.peer, identity = %identity, error = %e, "AMQP delivery not sent");
-                break;
+                break None;
             }
         }
-    }
+    };
     // What is still queued goes to the next link.
     release(slot, &tx);
     drop(tx);
     rx.close();
     while let Ok(d) = rx.try_recv() {
-        if let Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } = d {
-            receipt.lost();
+        if let Some(r) = d.receipt() {
+            r.lost();
         }
     }
     close_sender(sender, ended).await;

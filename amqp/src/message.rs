@@ -168,15 +168,8 @@ pub fn telemetry(m: &AmqpMessage) -> Message {
             }
         }
     }
-    if let Some(ma) = &m.message_annotations {
-        for (k, v) in ma.0.iter() {
-            let key = format!("{k:?}");
-            if key.contains("iothub-interface-id") {
-                if let Value::String(s) = v {
-                    msg.set_system(SystemProperty::InterfaceId, s);
-                }
-            }
-        }
+    if let Some(Value::String(s)) = annotation(m, "iothub-interface-id") {
+        msg.set_system(SystemProperty::InterfaceId, s);
     }
     msg
 }

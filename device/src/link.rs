@@ -61,6 +61,19 @@ pub enum Delivery {
     },
 }
 
+impl Delivery {
+    /// The receipt of a stored message's delivery (cloud-to-device, module
+    /// input); the other deliveries are not followed.
+    pub fn receipt(&self) -> Option<&Arc<Receipt>> {
+        match self {
+            Delivery::CloudToDevice { receipt, .. } | Delivery::ModuleInput { receipt, .. } => {
+                Some(receipt)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What became of a delivery handed to a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {

@@ -103,8 +103,8 @@ class Scenario:
 def scenario(gateway):
     running = []
 
-    def start(name, cs=None, transport="mqtt"):
-        s = Scenario(gateway, name, cs or device_cs(), transport=transport)
+    def start(name, cs=None, transport="mqtt", **env):
+        s = Scenario(gateway, name, cs or device_cs(), transport=transport, **env)
         running.append(s)
         return s
 

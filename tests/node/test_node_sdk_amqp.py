@@ -12,30 +12,15 @@ import time
 
 import pytest
 
-from test_node_sdk import (
-    DEV_KEY, MOD2_KEY, MOD_KEY, Scenario, device_cs, module_cs, start_gateway,
+from test_node_sdk import (  # noqa: F401 (gateway and scenario are fixtures)
+    DEV_KEY, MOD2_KEY, MOD_KEY, Scenario, device_cs, gateway, module_cs, scenario, start_gateway,
 )
 
 
 @pytest.fixture
-def gateway(start_hub, tmp_path):
-    return start_gateway(start_hub, tmp_path)
-
-
-@pytest.fixture
-def amqp(gateway):
-    running = []
-
-    def start(name, cs=None, **env):
-        s = Scenario(gateway, name, cs or device_cs(), transport="amqp", **env)
-        running.append(s)
-        return s
-
-    yield start
-    for s in running:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
+def amqp(scenario):
+    """test_node_sdk's scenarios, over the AMQP transport."""
+    return lambda name, cs=None, **env: scenario(name, cs, transport="amqp", **env)
 
 
 def comparable(record):
