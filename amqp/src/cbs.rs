@@ -73,6 +73,7 @@ fn verdict(state: &ConnState, m: &AmqpMessage) -> (i32, String) {
     match state.hub.auth.sas(&device, module.as_deref(), Some(&token)) {
         Ok(a) => {
             debug!(peer = %state.peer, identity = %a.identity, "CBS token accepted");
+            state.keep_token(&a.identity, token);
             state.grant(a);
             (200, "OK".into())
         }

@@ -20,10 +20,12 @@ use fe2o3_amqp::acceptor::{
 };
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{self, AmqpError, LinkError};
-use fe2o3_amqp::types::messaging::{message::Body, Outcome};
+use fe2o3_amqp::types::messaging::{message::Body, MessageId, Outcome};
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use parking_lot::Mutex;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -68,7 +70,19 @@ fn error(
 struct Io<S> {
     head: Vec<u8>,
     inner: S,
+    peer: SocketAddr,
     guard: crate::guard::FrameGuard,
+    /// What this side wrote: nothing of the AMQP layer yet, its protocol
+    /// header, or more (fe2o3 sends its Open without waiting for the
+    /// client's), so a refusal knows whether an Open must precede its Close.
+    wrote: Wrote,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wrote {
+    Nothing,
+    Header,
+    Open,
 }
 
 impl<S> std::fmt::Debug for Io<S> {
@@ -98,10 +112,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Io<S> {
         match me.guard.check(&buf.filled()[before..]) {
             Ok(()) => std::task::Poll::Ready(Ok(())),
             Err(e) => {
+                info!(peer = %me.peer, error = %e, "AMQP input refused; closing");
                 if me.guard.in_amqp_layer() {
                     // Best effort, before the connection drops: the frame
                     // is small and a TLS write is buffered.
-                    let close = crate::guard::decode_error_close(&e.to_string());
+                    let close = crate::guard::refusal(&e, me.wrote == Wrote::Open);
                     let mut inner = std::pin::Pin::new(&mut me.inner);
                     if let std::task::Poll::Ready(Ok(_)) = inner.as_mut().poll_write(cx, &close) {
                         let _ = inner.poll_flush(cx);
@@ -119,7 +134,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Io<S> {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let me = &mut *self;
+        let r = std::pin::Pin::new(&mut me.inner).poll_write(cx, buf);
+        if let (std::task::Poll::Ready(Ok(n)), false) = (&r, me.wrote == Wrote::Open) {
+            let written = &buf[..*n];
+            match written.windows(8).position(|w| w == AMQP_HEADER) {
+                Some(at) if at + 8 < written.len() => me.wrote = Wrote::Open,
+                Some(_) => me.wrote = Wrote::Header,
+                None if me.wrote == Wrote::Header && !written.is_empty() => me.wrote = Wrote::Open,
+                None => {}
+            }
+        }
+        r
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
@@ -153,6 +179,8 @@ struct IdentityLinks {
     /// When the credential behind this identity runs out (unix seconds);
     /// a renewed CBS token moves it.
     valid_until: watch::Sender<u64>,
+    /// Links of this identity open on the connection.
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl IdentityLinks {
@@ -213,7 +241,7 @@ pub(crate) fn twin_answer(
     if let Some(v) = version {
         ann.push(("version", Value::Long(v as i64)));
     }
-    message::reply(Some(request), ann, Vec::new(), body)
+    message::reply(Some(MessageId::String(request)), ann, Vec::new(), body)
 }
 
 impl LinkSink for Sink {
@@ -245,7 +273,7 @@ impl LinkSink for Sink {
                 payload,
             } => {
                 let m = message::reply(
-                    Some(format!("{request_id:x}")),
+                    Some(MessageId::String(format!("{request_id:x}"))),
                     Vec::new(),
                     vec![("IoThub-methodname", SimpleValue::String(method))],
                     &payload,
@@ -283,6 +311,13 @@ pub(crate) struct ConnState {
     /// Lower-cased identity → what proved it.
     granted: Mutex<HashMap<String, Authenticated>>,
     identities: Mutex<HashMap<String, Arc<IdentityLinks>>>,
+    /// Lower-cased identity → the SAS token CBS proved it with: a link
+    /// whose auth chain names that identity as the acting edge device is
+    /// checked against it.
+    tokens: Mutex<HashMap<String, String>>,
+    /// Lower-cased leaf → lower-cased edge device whose token it rides on
+    /// (granted through an auth chain): a renewed edge token extends them.
+    chained: Mutex<HashMap<String, String>>,
     /// The `$cbs` sender link's queue, for put-token replies.
     pub cbs_replies: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
 }
@@ -290,21 +325,56 @@ pub(crate) struct ConnState {
 impl ConnState {
     pub fn grant(&self, a: Authenticated) {
         let key = a.identity.to_lowercase();
-        // A renewed token extends the links already open.
-        if let Some(links) = self.identities.lock().get(&key) {
-            links.valid_until.send_replace(a.valid_until);
+        // The leaves acting through this identity last as long as it does.
+        let riders: Vec<String> = self
+            .chained
+            .lock()
+            .iter()
+            .filter(|(_, actor)| **actor == key)
+            .map(|(leaf, _)| leaf.clone())
+            .collect();
+        let mut granted = self.granted.lock();
+        let identities = self.identities.lock();
+        for k in riders.iter().chain(std::iter::once(&key)) {
+            // A renewed token extends the links already open.
+            if let Some(links) = identities.get(k) {
+                links.valid_until.send_replace(a.valid_until);
+            }
+            if let Some(g) = granted.get_mut(k) {
+                g.valid_until = a.valid_until;
+            }
         }
-        self.granted.lock().insert(key, a);
+        granted.insert(key, a);
+    }
+
+    pub fn keep_token(&self, identity: &str, token: String) {
+        self.tokens.lock().insert(identity.to_lowercase(), token);
     }
 
     /// The identity (as registered) this connection may act for under
-    /// `claimed`, or why not.
-    fn authorize(&self, claimed: &str) -> Result<Arc<str>, String> {
+    /// `claimed` (an auth chain, when the link carries one), or why not.
+    fn authorize(&self, claimed: &str, chain: Option<&str>) -> Result<Arc<str>, String> {
         if let Some(a) = self.granted.lock().get(&claimed.to_lowercase()) {
             if a.valid_until < now() {
                 return Err(format!("the token for {claimed} has expired"));
             }
             return Ok(a.identity.clone());
+        }
+        if let Some(chain) = chain {
+            let Some(leaf) = edgehub_device::auth::split_identity(claimed) else {
+                return Err(format!("{claimed:?} is not an identity"));
+            };
+            let actor = chain.split(';').nth(1).unwrap_or_default().to_lowercase();
+            let token = self.tokens.lock().get(&actor).cloned();
+            return match self.hub.auth.chain(leaf, chain, token.as_deref()) {
+                Ok(a) => {
+                    let id = a.identity.clone();
+                    self.chained.lock().insert(id.to_lowercase(), actor);
+                    self.grant(a);
+                    Ok(id)
+                }
+                Err(e) => Err(e.0),
+            };
         }
         if let (Some(chain), None) = (&self.client_chain, claimed.split_once('/')) {
             return match self.hub.auth.x509(claimed, chain) {
@@ -321,8 +391,11 @@ impl ConnState {
         ))
     }
 
-    /// The identity's entry, attaching its device link on first use.
-    fn identity(&self, identity: &Arc<str>) -> Arc<IdentityLinks> {
+    /// The identity's entry for one more open link, attaching its device
+    /// link on first use: the identity is connected from its first link
+    /// until its last one closes (IoT Hub's rule; a gateway's multiplexed
+    /// connection carries identities that come and go).
+    fn open_link(self: &Arc<Self>, identity: &Arc<str>) -> OpenLink {
         let valid_until = self
             .granted
             .lock()
@@ -330,7 +403,11 @@ impl ConnState {
             .map_or(u64::MAX, |a| a.valid_until);
         let mut ids = self.identities.lock();
         if let Some(l) = ids.get(&identity.to_lowercase()) {
-            return l.clone();
+            l.open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            return OpenLink {
+                state: self.clone(),
+                links: l.clone(),
+            };
         }
         let links = Arc::new(IdentityLinks {
             _link: Mutex::new(None),
@@ -341,16 +418,51 @@ impl ConnState {
             methods: Mutex::new(None),
             taken_over: Notify::new(),
             valid_until: watch::channel(valid_until).0,
+            open: 1.into(),
         });
         ids.insert(identity.to_lowercase(), links.clone());
-        drop(ids);
+        // Attached under the table's lock: a last link closing meanwhile
+        // cannot detach an entry whose device link is not in place yet.
         let link = self
             .hub
             .layer
             .links
             .attach(identity.clone(), Arc::new(Sink(links.clone())));
         *links._link.lock() = Some(link);
-        links
+        drop(ids);
+        OpenLink {
+            state: self.clone(),
+            links,
+        }
+    }
+}
+
+/// One open link of an identity; the last one to go takes the identity's
+/// device link with it (the identity is then not connected here).
+struct OpenLink {
+    state: Arc<ConnState>,
+    links: Arc<IdentityLinks>,
+}
+
+impl Drop for OpenLink {
+    fn drop(&mut self) {
+        if self
+            .links
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            != 1
+        {
+            return;
+        }
+        let mut ids = self.state.identities.lock();
+        // Still the last one under the lock (no attach raced in)?
+        if self.links.open.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            return;
+        }
+        ids.retain(|_, l| !Arc::ptr_eq(l, &self.links));
+        let link = self.links._link.lock().take();
+        drop(ids);
+        drop(link);
     }
 }
 
@@ -388,9 +500,11 @@ pub async fn serve<S>(
     let io = Io {
         head: header.to_vec(),
         inner: stream,
+        peer,
         // SASL frames and the frames of an open connection both stay
         // within the frame size this side announces.
         guard: crate::guard::FrameGuard::new(hub.max_frame_size),
+        wrote: Wrote::Nothing,
     };
     let container = format!("DeviceGateway_{:032x}", rand::random::<u128>());
     let sasl = HubSasl::new(hub.auth.clone(), peer);
@@ -434,6 +548,8 @@ pub async fn serve<S>(
         client_chain,
         granted: Mutex::default(),
         identities: Mutex::default(),
+        tokens: Mutex::default(),
+        chained: Mutex::default(),
         cbs_replies: Mutex::default(),
     });
     let plain = verdict.lock().identity.clone();
@@ -481,6 +597,7 @@ async fn serve_session(
     let mut links = tokio::task::JoinSet::new();
     while let Some(attach) = session.next_incoming_attach().await {
         let address = link_address(&attach);
+        let chain = auth_chain(&attach);
         let endpoint = match acceptor.accept_incoming_attach(attach, &mut session).await {
             Ok(e) => e,
             Err(e) => {
@@ -491,7 +608,7 @@ async fn serve_session(
         links.spawn(serve_link(
             state.clone(),
             endpoint,
-            address,
+            (address, chain),
             shutdown.clone(),
         ));
     }
@@ -513,6 +630,22 @@ fn link_address(attach: &Attach) -> Option<String> {
     }
 }
 
+/// IoT Edge's nested scheme: a child edge hub acting for one of its
+/// descendants names the chain (`leaf;child[;parent]`) on each link.
+fn auth_chain(attach: &Attach) -> Option<String> {
+    let value = attach
+        .properties
+        .as_ref()?
+        .iter()
+        .find(|(k, _)| k.0 == "com.microsoft:auth-chain")?
+        .1;
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
 async fn refuse(endpoint: LinkEndpoint, e: definitions::Error) {
     match endpoint {
         LinkEndpoint::Sender(s) => {
@@ -527,7 +660,7 @@ async fn refuse(endpoint: LinkEndpoint, e: definitions::Error) {
 async fn serve_link(
     state: Arc<ConnState>,
     endpoint: LinkEndpoint,
-    address: Option<String>,
+    (address, chain): (Option<String>, Option<String>),
     shutdown: watch::Receiver<bool>,
 ) {
     let text = address.unwrap_or_default();
@@ -546,14 +679,17 @@ async fn serve_link(
         };
     }
     let claimed = address.identity().unwrap_or_default().to_owned();
-    let identity = match state.authorize(&claimed) {
+    let identity = match state.authorize(&claimed, chain.as_deref()) {
         Ok(i) => i,
         Err(why) => {
             info!(peer = %state.peer, address = %text, reason = %why, "AMQP link refused");
             return refuse(endpoint, error(AmqpError::UnauthorizedAccess, why)).await;
         }
     };
-    let links = state.identity(&identity);
+    // Held while the link is served: the identity is connected as long as
+    // one of its links is open.
+    let open = state.open_link(&identity);
+    let links = open.links.clone();
     match (address, endpoint) {
         (address @ Address::Events { .. }, LinkEndpoint::Receiver(r)) => {
             telemetry(
@@ -609,9 +745,11 @@ async fn telemetry(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let max = state.hub.max_message_size as usize;
-    // Refusals of the store come back here: fe2o3's disposer can accept
-    // from any task, but only the receiver itself can reject.
-    let (refused_tx, mut refused) = mpsc::unbounded_channel::<(DeliveryInfo, definitions::Error)>();
+    // Transfers waiting for the store, in the order they came: a group
+    // commit completes many at once, and consecutive ones are then settled
+    // with one disposition for the range, not one frame per message.
+    let mut storing: FuturesOrdered<Storing> = FuturesOrdered::new();
+    let mut accepted: Vec<DeliveryInfo> = Vec::new();
     // Made once: a fresh one per transfer would cost a timer and miss a
     // takeover told between two transfers.
     let ended = links.ended();
@@ -619,8 +757,21 @@ async fn telemetry(
     loop {
         let delivery = tokio::select! {
             biased;
-            Some((info, e)) = refused.recv() => {
-                let _ = receiver.reject(info, e).await;
+            Some(first) = storing.next(), if !storing.is_empty() => {
+                let mut done = vec![first];
+                while let Some(Some(next)) = storing.next().now_or_never() {
+                    done.push(next);
+                }
+                for (info, result) in done {
+                    match result {
+                        Ok(()) => accepted.push(info),
+                        Err(e) => {
+                            settle_accepted(&receiver, &mut accepted).await;
+                            let _ = receiver.reject(info, store_error(&e)).await;
+                        }
+                    }
+                }
+                settle_accepted(&receiver, &mut accepted).await;
                 continue;
             }
             d = receiver.recv::<Body<Value>>() => match d {
@@ -637,7 +788,8 @@ async fn telemetry(
             _ = shutdown.changed() => return,
         };
         let info = DeliveryInfo::from(&delivery);
-        let parts = if delivery.message_format().as_ref() == Some(&message::BATCH_FORMAT) {
+        let batch = delivery.message_format().as_ref() == Some(&message::BATCH_FORMAT);
+        let parts = if batch {
             match message::batch(delivery.message()) {
                 Ok(parts) => parts.iter().map(message::telemetry).collect(),
                 Err(why) => {
@@ -650,6 +802,7 @@ async fn telemetry(
         } else {
             vec![message::telemetry(delivery.message())]
         };
+        drop(delivery);
         let mut stored = Vec::with_capacity(parts.len());
         let mut refused = None;
         for mut msg in parts {
@@ -688,31 +841,35 @@ async fn telemetry(
             let _ = receiver.reject(info, e).await;
             continue;
         }
-        if stored.is_empty() {
-            let _ = receiver.accept(info).await;
-            continue;
-        }
-        // Accepted once every message of the transfer is stored.
-        let disposer = receiver.disposer();
-        let refused_tx = refused_tx.clone();
-        tokio::spawn(async move {
+        // Accepted once every message of the transfer is stored (at once
+        // when no route took any), in its turn.
+        storing.push_back(Box::pin(async move {
             let mut failure = None;
             for s in stored {
                 if let Err(e) = s.await {
                     failure.get_or_insert(e);
                 }
             }
-            match failure {
-                None => {
-                    if let Err(e) = disposer.accept(info).await {
-                        debug!(error = %e, "telemetry settlement not sent");
-                    }
-                }
-                Some(e) => {
-                    let _ = refused_tx.send((info, store_error(&e)));
-                }
-            }
-        });
+            (info, failure.map_or(Ok(()), Err))
+        }));
+    }
+}
+
+/// A transfer's messages on their way into the store.
+type Storing = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (DeliveryInfo, Result<(), edgehub_store::StoreError>)>
+            + Send,
+    >,
+>;
+
+/// Settles `accepted` (consecutive deliveries as ranges) and empties it.
+async fn settle_accepted(receiver: &Receiver, accepted: &mut Vec<DeliveryInfo>) {
+    if accepted.is_empty() {
+        return;
+    }
+    if let Err(e) = receiver.accept_all(accepted.drain(..)).await {
+        debug!(error = %e, "telemetry settlement not sent");
     }
 }
 

@@ -23,7 +23,24 @@ pub struct FrameGuard {
     /// The last protocol header was AMQP's (not SASL's): frames are
     /// performatives, and a Close can answer a broken one.
     amqp: bool,
+    /// The client's Open (the first frame after the AMQP header), read to
+    /// check its idle timeout, which fe2o3 does not show.
+    open: Open,
 }
+
+#[derive(Debug)]
+enum Open {
+    /// Not in the AMQP layer yet.
+    Before,
+    /// Collecting the first frame's body.
+    Reading(Vec<u8>),
+    Checked,
+}
+
+/// The shortest idle timeout a client may ask for (edgeHub's floor): a
+/// client that must be heard from more often than every 5 s would have the
+/// hub answer heartbeats all day.
+pub const MIN_IDLE_TIMEOUT_MS: u32 = 5_000;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -37,6 +54,8 @@ pub enum FrameError {
     BadProtocolHeader([u8; 8]),
     #[error("frame body starts with {0:#04x}, not a described type")]
     NotDescribed(u8),
+    #[error("idle-time-out {0} ms is under the {MIN_IDLE_TIMEOUT_MS} ms this hub accepts")]
+    IdleTimeoutTooShort(u32),
 }
 
 impl FrameGuard {
@@ -49,6 +68,27 @@ impl FrameGuard {
             ext_left: 0,
             expect_described: false,
             amqp: false,
+            open: Open::Before,
+        }
+    }
+
+    /// Body bytes of the first AMQP frame; checks the Open once whole.
+    fn read_open(&mut self, body: &[u8], last: bool) -> Result<(), FrameError> {
+        let Open::Reading(buf) = &mut self.open else {
+            return Ok(());
+        };
+        buf.extend_from_slice(body);
+        if !last {
+            return Ok(());
+        }
+        let open = serde_amqp::from_slice::<fe2o3_amqp::types::performatives::Open>(buf);
+        self.open = Open::Checked;
+        // Anything but a readable Open is fe2o3's to refuse.
+        match open.ok().and_then(|o| o.idle_time_out) {
+            Some(ms) if ms > 0 && ms < MIN_IDLE_TIMEOUT_MS => {
+                Err(FrameError::IdleTimeoutTooShort(ms))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -68,8 +108,12 @@ impl FrameGuard {
                     self.body_left
                 };
                 let n = (limit.min(bytes.len() as u64)) as usize;
+                let in_body = self.ext_left == 0;
                 self.ext_left -= (n as u64).min(self.ext_left);
                 self.body_left -= n as u64;
+                if in_body {
+                    self.read_open(&bytes[..n], self.body_left == 0)?;
+                }
                 bytes = &bytes[n..];
                 continue;
             }
@@ -86,6 +130,9 @@ impl FrameGuard {
                     return Err(FrameError::BadProtocolHeader(self.head));
                 }
                 self.amqp = self.head[4] == 0;
+                if self.amqp && matches!(self.open, Open::Before) {
+                    self.open = Open::Reading(Vec::new());
+                }
                 continue;
             }
             let size = u32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
@@ -105,6 +152,10 @@ impl FrameGuard {
             self.body_left = size as u64 - 8;
             self.ext_left = doff as u64 * 4 - 8;
             self.expect_described = size > doff as u32 * 4;
+            if !self.expect_described {
+                // An empty frame (a heartbeat) is not the Open.
+                continue;
+            }
         }
         Ok(())
     }
@@ -118,22 +169,59 @@ impl FrameGuard {
     }
 }
 
-/// A Close frame (channel 0) with `amqp:decode-error` and `description`.
-pub fn decode_error_close(description: &str) -> Vec<u8> {
-    use fe2o3_amqp::types::definitions::{AmqpError, Error};
-    use fe2o3_amqp::types::performatives::Close;
-    let close = Close {
-        error: Some(Error::new(
-            AmqpError::DecodeError,
-            Some(description.to_owned()),
-            None,
-        )),
-    };
-    let body = serde_amqp::to_vec(&close).unwrap_or_default();
+fn frame(body: Vec<u8>) -> Vec<u8> {
     let mut frame = ((body.len() + 8) as u32).to_be_bytes().to_vec();
     frame.extend([2, 0, 0, 0]);
     frame.extend(body);
     frame
+}
+
+/// A Close frame (channel 0) with `amqp:decode-error` and `description`.
+pub fn decode_error_close(description: &str) -> Vec<u8> {
+    close_with(
+        fe2o3_amqp::types::definitions::AmqpError::DecodeError,
+        description,
+    )
+}
+
+fn close_with(condition: fe2o3_amqp::types::definitions::AmqpError, description: &str) -> Vec<u8> {
+    use fe2o3_amqp::types::definitions::Error;
+    use fe2o3_amqp::types::performatives::Close;
+    let close = Close {
+        error: Some(Error::new(condition, Some(description.to_owned()), None)),
+    };
+    frame(serde_amqp::to_vec(&close).unwrap_or_default())
+}
+
+/// What answers `e` before the connection drops: for a refused Open, a
+/// Close with `amqp:invalid-field`, after the hub's own Open unless it
+/// `opened` already (a Close may only follow an Open); for a broken frame, a
+/// Close with `amqp:decode-error`.
+pub fn refusal(e: &FrameError, opened: bool) -> Vec<u8> {
+    use fe2o3_amqp::types::definitions::AmqpError;
+    match e {
+        FrameError::IdleTimeoutTooShort(_) if opened => {
+            close_with(AmqpError::InvalidField, &e.to_string())
+        }
+        FrameError::IdleTimeoutTooShort(_) => {
+            let open = fe2o3_amqp::types::performatives::Open {
+                container_id: "edgehub".into(),
+                hostname: None,
+                max_frame_size: Default::default(),
+                channel_max: Default::default(),
+                idle_time_out: None,
+                outgoing_locales: None,
+                incoming_locales: None,
+                offered_capabilities: None,
+                desired_capabilities: None,
+                properties: None,
+            };
+            let mut out = frame(serde_amqp::to_vec(&open).unwrap_or_default());
+            out.extend(close_with(AmqpError::InvalidField, &e.to_string()));
+            out
+        }
+        e => decode_error_close(&e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +267,67 @@ mod tests {
             text.contains("amqp:decode-error") && text.contains("frame size 4"),
             "{text}"
         );
+    }
+
+    fn open_frame(idle_time_out: Option<u32>) -> Vec<u8> {
+        let open = fe2o3_amqp::types::performatives::Open {
+            container_id: "client".into(),
+            hostname: Some("hub".into()),
+            max_frame_size: Default::default(),
+            channel_max: Default::default(),
+            idle_time_out,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        super::frame(serde_amqp::to_vec(&open).unwrap())
+    }
+
+    #[test]
+    fn an_idle_timeout_under_five_seconds_is_refused_in_any_split() {
+        for (idle, refused) in [
+            (Some(1_000), true),
+            (Some(4_999), true),
+            (Some(5_000), false),
+            (Some(240_000), false),
+            (Some(0), false),
+            (None, false),
+        ] {
+            let mut stream = b"AMQP\x00\x01\x00\x00".to_vec();
+            stream.extend(frame(8, 2)); // a heartbeat before the Open
+            stream.extend(open_frame(idle));
+            stream.extend(open_frame(Some(1))); // only the first Open counts
+            for chunk in [1, 5, 4096] {
+                let mut g = FrameGuard::new(4096);
+                let r: Result<Vec<()>, _> = stream.chunks(chunk).map(|p| g.check(p)).collect();
+                match r {
+                    Err(FrameError::IdleTimeoutTooShort(ms)) => {
+                        assert!(refused, "{idle:?}");
+                        assert_eq!(Some(ms), idle);
+                    }
+                    Ok(_) => assert!(!refused, "{idle:?} in chunks of {chunk}"),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_open_is_answered_with_open_then_close() {
+        let out = refusal(&FrameError::IdleTimeoutTooShort(1000), false);
+        let mut g = FrameGuard::new(4096);
+        g.check(b"AMQP\x00\x01\x00\x00").unwrap();
+        g.check(&out).unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("edgehub") && text.contains("amqp:invalid-field"),
+            "{text}"
+        );
+        // After the hub's Open went out, the Close alone.
+        let close = refusal(&FrameError::IdleTimeoutTooShort(1000), true);
+        assert!(out.ends_with(&close) && close.len() < out.len());
     }
 
     #[test]

@@ -174,6 +174,58 @@ pub fn telemetry(m: &AmqpMessage) -> Message {
     msg
 }
 
+/// A stored message as telemetry to a parent (IoT Hub or another hub):
+/// what [`telemetry`] reads, written back, so the parent's message model
+/// gets the same fields. The identity is not written: the parent stamps it
+/// from the link the message arrives on.
+pub fn upstream(msg: &Message) -> AmqpMessage {
+    let text = |p: SystemProperty| msg.system(p).map(|v| v.to_string());
+    let properties = Properties {
+        message_id: text(SystemProperty::MessageId).map(MessageId::String),
+        user_id: text(SystemProperty::UserId).map(|u| Binary::from(u.into_bytes())),
+        to: text(SystemProperty::To),
+        correlation_id: text(SystemProperty::CorrelationId).map(MessageId::String),
+        content_type: text(SystemProperty::ContentType).map(Symbol::from),
+        content_encoding: text(SystemProperty::ContentEncoding).map(Symbol::from),
+        absolute_expiry_time: text(SystemProperty::ExpiryTimeUtc)
+            .and_then(|t| millis(&t))
+            .map(Timestamp::from_milliseconds),
+        ..Default::default()
+    };
+    let mut app = ApplicationProperties::builder();
+    for (k, v) in &msg.properties {
+        app = app.insert(k.to_string(), SimpleValue::String(v.to_string()));
+    }
+    for (key, p) in [
+        ("iothub-message-schema", SystemProperty::MessageSchema),
+        ("iothub-creation-time-utc", SystemProperty::CreationTime),
+        ("iothub-outputname", SystemProperty::OutputName),
+    ] {
+        if let Some(v) = text(p) {
+            app = app.insert(key.to_owned(), SimpleValue::String(v));
+        }
+    }
+    let mut ann = MessageAnnotations::builder();
+    if let Some(i) = text(SystemProperty::InterfaceId) {
+        ann = ann.insert(Symbol::from("iothub-interface-id"), Value::String(i));
+    }
+    fe2o3_amqp::types::messaging::Message::builder()
+        .properties(properties)
+        .application_properties(app.build())
+        .message_annotations(ann.build())
+        .body(Body::Data(
+            vec![Data(Binary::from(msg.body.to_vec()))].into(),
+        ))
+        .build()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn millis(t: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|dt| (dt.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
 /// A message annotation by name (symbol keys).
 pub fn annotation<'a>(m: &'a AmqpMessage, key: &str) -> Option<&'a Value> {
     use fe2o3_amqp::types::messaging::annotations::OwnedKey;
@@ -201,7 +253,7 @@ pub fn property(m: &AmqpMessage, key: &str) -> Option<String> {
 /// correlation id of the request it answers (if any), annotations and
 /// application properties as given.
 pub fn reply(
-    correlation: Option<String>,
+    correlation: Option<MessageId>,
     annotations: Vec<(&str, Value)>,
     properties: Vec<(&str, SimpleValue)>,
     body: &[u8],
@@ -216,7 +268,7 @@ pub fn reply(
     }
     fe2o3_amqp::types::messaging::Message::builder()
         .properties(Properties {
-            correlation_id: correlation.map(MessageId::String),
+            correlation_id: correlation,
             ..Default::default()
         })
         .message_annotations(ann.build())
@@ -250,16 +302,11 @@ pub fn outgoing(msg: &Message, extra: Outgoing<'_>) -> AmqpMessage {
         app = app.insert(k.to_string(), SimpleValue::String(v.to_string()));
     }
     let mut ann = MessageAnnotations::builder();
-    if let Some(t) = text(SystemProperty::EnqueuedTime) {
-        if let Ok(dt) =
-            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
-        {
-            let ms = (dt.unix_timestamp_nanos() / 1_000_000) as i64;
-            ann = ann.insert(
-                Symbol::from("iothub-enqueuedtime"),
-                Value::Timestamp(Timestamp::from_milliseconds(ms)),
-            );
-        }
+    if let Some(ms) = text(SystemProperty::EnqueuedTime).and_then(|t| millis(&t)) {
+        ann = ann.insert(
+            Symbol::from("iothub-enqueuedtime"),
+            Value::Timestamp(Timestamp::from_milliseconds(ms)),
+        );
     }
     if let Some(n) = extra.delivery_count {
         ann = ann.insert(Symbol::from("iothub-deliverycount"), Value::Uint(n));
@@ -348,6 +395,36 @@ mod tests {
         assert_eq!(msg.property("site").map(|v| &**v), Some("north"));
         assert_eq!(msg.property("count").map(|v| &**v), Some("3"));
         assert!(msg.property("iothub-connection-device-id").is_none());
+    }
+
+    #[test]
+    fn upstream_telemetry_reads_back_as_the_same_message() {
+        let msg = Message::new(Bytes::from_static(b"{\"t\":2}"))
+            .with_property("site", "north")
+            .with_property("iothub-like", "kept")
+            .with_system(SystemProperty::MessageId, "m-7")
+            .with_system(SystemProperty::CorrelationId, "c-7")
+            .with_system(SystemProperty::UserId, "u")
+            .with_system(SystemProperty::To, "/devices/d1/messages/events")
+            .with_system(SystemProperty::ContentType, "application/json")
+            .with_system(SystemProperty::ContentEncoding, "utf-8")
+            .with_system(SystemProperty::ExpiryTimeUtc, "2026-12-02T01:02:03Z")
+            .with_system(SystemProperty::CreationTime, "2026-12-01T00:00:00Z")
+            .with_system(SystemProperty::MessageSchema, "s1")
+            .with_system(SystemProperty::OutputName, "out1")
+            .with_system(SystemProperty::InterfaceId, "dtmi:x;1")
+            .with_system(SystemProperty::ConnectionDeviceId, "d1");
+        let back = telemetry(&upstream(&msg));
+        assert_eq!(back.body, msg.body);
+        assert_eq!(back.properties, msg.properties);
+        for p in SystemProperty::ALL {
+            let want = match p {
+                // The parent stamps the identity from the link.
+                SystemProperty::ConnectionDeviceId => None,
+                _ => msg.system(p).map(|v| v.to_string()),
+            };
+            assert_eq!(back.system(p).map(|v| v.to_string()), want, "{p:?}");
+        }
     }
 
     #[test]

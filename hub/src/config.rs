@@ -62,13 +62,25 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_IDENTITIES")]
     pub identities: Option<PathBuf>,
 
-    /// The parent: Azure IoT Hub's MQTT endpoint or another edgehub, as
-    /// `mqtts://host:port`. Messages routed to `$upstream` are forwarded
-    /// there, each over a connection of the identity that sent it (signed
-    /// with that identity's key). Without it the hub is the root and keeps
-    /// `$upstream` messages for local consumers (the outbox API).
+    /// The parent: Azure IoT Hub or another edgehub, as `mqtts://host:port`
+    /// (MQTT, port 8883 by default) or `amqps://host:port` (AMQP, 5671).
+    /// Messages routed to `$upstream` are forwarded there with the identity
+    /// that sent them (a token signed with that identity's key): over MQTT
+    /// one connection per identity, over AMQP one connection for all of
+    /// them. Without it the hub is the root and keeps `$upstream` messages
+    /// for local consumers (the outbox API).
     #[arg(long, env = "EDGEHUB_UPSTREAM")]
     pub upstream: Option<String>,
+
+    /// The protocol of the link to the parent; by default the one the
+    /// --upstream URL names.
+    #[arg(
+        long,
+        env = "EDGEHUB_UPSTREAM_PROTOCOL",
+        value_enum,
+        requires = "upstream"
+    )]
+    pub upstream_protocol: Option<UpstreamProtocolArg>,
 
     /// PEM file of the CA(s) the parent's TLS certificate must chain to.
     #[arg(long, env = "EDGEHUB_UPSTREAM_CA", requires = "upstream")]
@@ -204,6 +216,12 @@ pub struct Config {
     /// into `<data-dir>/management-token` on first start.
     #[arg(long, env = "EDGEHUB_MANAGEMENT_TOKEN", hide_env_values = true)]
     pub management_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamProtocolArg {
+    Mqtt,
+    Amqp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -15,7 +15,9 @@
 //! - [`endpoints`]: executors delivering stored module inputs and
 //!   cloud-to-device messages to the identity's device link.
 //! - [`upstream`]: the `$upstream` executor forwarding to IoT Hub or a parent
-//!   edgehub; [`relay`]: what comes down from it.
+//!   edgehub over MQTT (a connection per identity) or AMQP (one connection,
+//!   a CBS token and a session per identity); [`relay`]: what comes down
+//!   from it.
 //! - [`management`]: the HTTP management API, one module per resource.
 //! - [`routes_cli`]: `edgehub routes test|check` over the `edgehub-router` engine.
 //! - [`server`]: wires it all and shuts down gracefully.

@@ -462,6 +462,14 @@ impl Server {
                 Some(Arc::new(
                     crate::upstream::UpstreamConfig::new(
                         url,
+                        config.upstream_protocol.map(|p| match p {
+                            crate::config::UpstreamProtocolArg::Mqtt => {
+                                crate::upstream::UpstreamProtocol::Mqtt
+                            }
+                            crate::config::UpstreamProtocolArg::Amqp => {
+                                crate::upstream::UpstreamProtocol::Amqp
+                            }
+                        }),
                         config.upstream_ca.as_deref(),
                         hostname.as_deref(),
                     )?

@@ -566,47 +566,6 @@ mod amqp {
     use fe2o3_amqp::{Connection, Sender, Session};
     use futures_util::stream::{FuturesUnordered, StreamExt};
 
-    /// fe2o3 wants a `Debug` stream.
-    struct Io(Box<dyn edgehub_mqtt_client::Io>);
-
-    impl std::fmt::Debug for Io {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Io")
-        }
-    }
-
-    impl tokio::io::AsyncRead for Io {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut *self.0).poll_read(cx, buf)
-        }
-    }
-
-    impl tokio::io::AsyncWrite for Io {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            std::pin::Pin::new(&mut *self.0).poll_write(cx, buf)
-        }
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut *self.0).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
-        }
-    }
-
     async fn open(
         sh: &Shared,
         id: &iothub::DeviceIdentity,
@@ -635,7 +594,7 @@ mod amqp {
                 username: format!("{}@sas.{hub}", id.device_id),
                 password: id.sas_token(3600),
             })
-            .open_with_stream(Io(io));
+            .open_with_stream(io);
         let mut conn = tokio::time::timeout(cfg.connect_timeout, open)
             .await
             .map_err(|_| "amqp open: timeout".to_owned())?

@@ -26,6 +26,13 @@ use tokio::net::TcpStream;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
+/// AMQP libraries ask their byte streams to be `Debug`.
+impl std::fmt::Debug for dyn Io {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Io")
+    }
+}
+
 /// The step of opening a connection that can time out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {

@@ -343,6 +343,7 @@ fn host_config(value: &Value, out: &mut CreateOptions) -> Result<(), String> {
 /// Management API port inside the hub's pod (probes, metrics).
 pub const HUB_MANAGEMENT_PORT: i32 = 8080;
 pub const HUB_MQTTS_PORT: i32 = 8883;
+pub const HUB_AMQPS_PORT: i32 = 5671;
 
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
@@ -371,12 +372,15 @@ fn hub_defaults(
         opts.volumes
             .push(("edgehub-data".into(), "/data".into(), false));
     }
-    opts.container_ports.insert((HUB_MQTTS_PORT, "TCP".into()));
     opts.container_ports
         .insert((HUB_MANAGEMENT_PORT, "TCP".into()));
-    if !opts.bindings.iter().any(|(_, c, _)| *c == HUB_MQTTS_PORT) {
-        opts.bindings
-            .insert((HUB_MQTTS_PORT, HUB_MQTTS_PORT, "TCP".into()));
+    // Devices dial these whatever the manifest binds (the SDKs know no
+    // other ports), so the hub's Service always has them.
+    for port in [HUB_MQTTS_PORT, HUB_AMQPS_PORT] {
+        opts.container_ports.insert((port, "TCP".into()));
+        if !opts.bindings.iter().any(|(_, c, _)| *c == port) {
+            opts.bindings.insert((port, port, "TCP".into()));
+        }
     }
     let gateway = spec
         .device
@@ -386,6 +390,7 @@ fn hub_defaults(
     for (k, v) in [
         ("EDGEHUB_DATA_DIR", "/data".to_owned()),
         ("EDGEHUB_MQTTS_LISTEN", format!("0.0.0.0:{HUB_MQTTS_PORT}")),
+        ("EDGEHUB_AMQPS_LISTEN", format!("0.0.0.0:{HUB_AMQPS_PORT}")),
         (
             "EDGEHUB_MANAGEMENT_LISTEN",
             format!("0.0.0.0:{HUB_MANAGEMENT_PORT}"),
@@ -724,6 +729,7 @@ mod tests {
             ports,
             [
                 (443, Some(IntOrString::Int(443)), Some("TCP".into())),
+                (5671, Some(IntOrString::Int(5671)), Some("TCP".into())),
                 (8883, Some(IntOrString::Int(8883)), Some("TCP".into()))
             ]
         );
@@ -857,8 +863,18 @@ mod tests {
         let env = env_of(&p.deployments[0]);
         assert_eq!(env["EDGEHUB_DATA_DIR"], "/data");
         assert_eq!(env["EDGEHUB_HOSTNAME"], "edgehub.msiot-hub-dev.svc");
-        let port = &p.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
-        assert_eq!(port.port, 8883);
+        let ports: Vec<i32> = p.services[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [HUB_AMQPS_PORT, HUB_MQTTS_PORT]);
+        assert_eq!(env["EDGEHUB_AMQPS_LISTEN"], "0.0.0.0:5671");
     }
 
     #[test]

@@ -38,7 +38,7 @@ const commands = {
   connect(c) {
     const opts = {
       host: '127.0.0.1', port, transport: 'tls', ca, servername: 'localhost',
-      reconnect: false, idle_time_out: 0,
+      reconnect: false, idle_time_out: c.idleTimeout || 0,
     };
     if (c.username) {
       opts.username = c.username;

@@ -319,3 +319,19 @@ def test_an_x509_device_is_authenticated_by_its_tls_client_certificate(hub, raw,
     # The certificate proves x1, not a key device.
     c.do("sender", name="other", address="/devices/dev1/messages/events")
     assert detached(c, "other")["condition"] == "amqp:unauthorized-access"
+
+
+def test_an_idle_timeout_under_five_seconds_is_refused(hub, raw):
+    plain = dict(username=f"dev1@sas.{GATEWAY}", password=token(audience("dev1"), KEYS["dev1"]))
+    c = raw()
+    c.do("connect", idleTimeout=1000, **plain)
+    assert c.next("connectionError")["connectionError"] == "amqp:invalid-field"
+    assert "idle-time-out 1000 ms is under the 5000 ms" in hub.log()
+    # Five seconds is enough, and the connection works.
+    c = raw()
+    c.do("connect", idleTimeout=5000, **plain)
+    c.next("open")
+    c.do("sender", name="t", address="/devices/dev1/messages/events")
+    c.next("attached")
+    c.do("send", name="t", body="ok", tag="1")
+    assert c.next("settled")["state"] == "accepted"

@@ -1,6 +1,7 @@
 """Nested edge with IoT Edge's auth-chain scheme: the child connects to the
-parent for each downstream identity with `auth-chain=leaf;child;parent` and a
-token signed with the child edge's own key. The parent holds no leaf keys: it
+parent for each downstream identity with `auth-chain=leaf;child;parent` (over
+MQTT in the username, over AMQP as a link property) and a token signed with
+the child edge's own key. The parent holds no leaf keys: it
 accepts a leaf only when its registry has the leaf under the child."""
 
 import base64
@@ -19,8 +20,9 @@ CHILD_KEY = base64.b64encode(b"child-edge-key-0123456789abcdef!").decode()
 UNRELATED_KEY = base64.b64encode(b"parent-does-not-know-leaf-keys!!").decode()
 
 
-@pytest.fixture
-def nested(start_hub, tmp_path):
+@pytest.fixture(params=["mqtt", "amqp"])
+def nested(start_hub, tmp_path, request):
+    protocol = request.param
     parent_ids = tmp_path / "parent-identities.json"
     parent_ids.write_text(json.dumps({"iothubHostname": HUB, "devices": [
         {"deviceId": "child-edge", "primaryKey": CHILD_KEY, "edge": True, "parent": "parent-edge"},
@@ -33,12 +35,13 @@ def nested(start_hub, tmp_path):
         {"deviceId": "leaf2", "primaryKey": DEV_KEY},
         {"deviceId": "leaf3", "primaryKey": DEV_KEY}]}))
     port = free_port()
+    listen = {"mqtts" if protocol == "mqtt" else "amqps": f"127.0.0.1:{port}"}
     parent = start_hub("--identities", str(parent_ids), "--device-id", "parent-edge",
-                       name="parent", allow_anonymous=False, mqtts=f"127.0.0.1:{port}")
+                       name="parent", allow_anonymous=False, **listen)
     child = start_hub("--identities", str(child_ids),
                       "--connection-string",
                       f"HostName={HUB};DeviceId=child-edge;SharedAccessKey={CHILD_KEY}",
-                      "--upstream", f"mqtts://localhost:{port}",
+                      "--upstream", f"{protocol}s://localhost:{port}",
                       "--upstream-ca", str(tmp_path / "parent" / "ca.pem"),
                       "--upstream-auth", "chain", "--parent-device-id", "parent-edge",
                       name="child", allow_anonymous=False)

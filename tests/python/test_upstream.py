@@ -1,7 +1,8 @@
 """Two real edgehub processes, child and parent, on loopback with TLS: the
-child forwards its `$upstream` queue to the parent over one connection per
-downstream identity, keeps everything through a parent outage (and a kill -9
-of its own), and backs off instead of hammering a parent that refuses it."""
+child forwards its `$upstream` queue to the parent (over MQTT, one connection
+per downstream identity; over AMQP, one connection for all), keeps everything
+through a parent outage (and a kill -9 of its own), and backs off instead of
+hammering a parent that refuses it."""
 
 import base64
 import json
@@ -23,8 +24,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pair(start_hub, tmp_path):
+@pytest.fixture(params=["mqtt", "amqp"])
+def pair(start_hub, tmp_path, request):
+    """(start parent, start child, protocol): the child's link to the parent
+    over MQTT (a connection per identity) or AMQP (one for all)."""
+    protocol = request.param
     ids = tmp_path / "identities.json"
     ids.write_text(json.dumps({"iothubHostname": HUB, "devices": [
         {"deviceId": "leaf1", "primaryKey": DEV_KEY},
@@ -32,15 +36,16 @@ def pair(start_hub, tmp_path):
          "modules": [{"moduleId": "m", "primaryKey": MOD_KEY}]}]}))
     port = free_port()
 
+    listen = {"mqtts" if protocol == "mqtt" else "amqps": f"127.0.0.1:{port}"}
+
     def parent():
-        return start_hub("--identities", str(ids), name="parent", allow_anonymous=False,
-                         mqtts=f"127.0.0.1:{port}")
+        return start_hub("--identities", str(ids), name="parent", allow_anonymous=False, **listen)
 
     def child(*extra, hostname=HUB, ca=None):
-        return start_hub("--identities", str(ids), "--upstream", f"mqtts://localhost:{port}",
+        return start_hub("--identities", str(ids), "--upstream", f"{protocol}s://localhost:{port}",
                          "--upstream-ca", str(ca or tmp_path / "parent" / "ca.pem"),
                          "--iothub-hostname", hostname, *extra, name="child", allow_anonymous=False)
-    return parent, child
+    return parent, child, protocol
 
 
 def send(hub, device_id, n, start=0, props="kind=t"):
@@ -122,7 +127,8 @@ def test_refusing_parent_gets_backoff_not_a_storm_and_nothing_is_lost(pair):
     child = pair[1](hostname="wrong.example")
     send(child, "leaf1", 3)
     time.sleep(4)
-    refusals = parent.log().count("connection refused")
+    refusal = "connection refused" if pair[2] == "mqtt" else "CBS token refused"
+    refusals = parent.log().count(refusal)
     assert 1 <= refusals <= 8, f"{refusals} connection attempts in 4 s"
     assert "bad user name or password" in child.log() or "upstream refused" in child.log()
     assert child.log().count("upstream link down") == 1, "one log line per state change"

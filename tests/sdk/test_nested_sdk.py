@@ -38,8 +38,9 @@ def wait_for(cond, timeout=20, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.fixture
-def nested(start_hub, tmp_path):
+@pytest.fixture(params=["mqtt", "amqp"])
+def nested(start_hub, tmp_path, request):
+    protocol = request.param
     if not port_free(8883):
         pytest.fail("port 8883 is taken; the Azure SDK can only dial 8883")
     parent_ids = tmp_path / "parent-ids.json"
@@ -51,14 +52,17 @@ def nested(start_hub, tmp_path):
         {"deviceId": "sdk-dev", "primaryKey": DEV_KEY}]}))
     port = free_port()
 
+    # The parent's listener for the child's link; the device's 8883 is the child's.
+    listen = {"mqtts" if protocol == "mqtt" else "amqps": f"127.0.0.1:{port}"}
+
     def parent():
         return start_hub("--identities", str(parent_ids), "--device-id", "parent-edge",
-                         name="parent", allow_anonymous=False, mqtts=f"127.0.0.1:{port}")
+                         name="parent", allow_anonymous=False, **listen)
 
     p = parent()
     child = start_hub("--identities", str(child_ids),
                       "--connection-string", f"HostName={HUB};DeviceId=child-edge;SharedAccessKey={CHILD_KEY}",
-                      "--upstream", f"mqtts://localhost:{port}", "--upstream-ca", str(p.ca),
+                      "--upstream", f"{protocol}s://localhost:{port}", "--upstream-ca", str(p.ca),
                       "--upstream-auth", "chain",
                       name="child", allow_anonymous=False, mqtts="127.0.0.1:8883")
     return parent, p, child
