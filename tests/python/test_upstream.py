@@ -8,6 +8,7 @@ import base64
 import json
 import signal
 import socket
+import time
 
 import pytest
 
@@ -63,6 +64,15 @@ def ready(hub):
         return json.loads(r.read())
 
 
+def established(port):
+    """TCP connections established to 127.0.0.1:`port` (the parent's side,
+    from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[1] == local and r[3] == "01")
+
+
 def by_device(messages):
     out = {}
     for m in messages:
@@ -83,6 +93,17 @@ def test_child_forwards_with_each_identity_and_properties(pair):
     m = out[0]
     assert m["properties"]["kind"] == "t"
     assert "connectionModuleId" not in m["system_properties"]
+    # While both identities are connected to the child (their cloud-to-edge
+    # links open upstream): over MQTT a connection each, over AMQP one for
+    # both (a session each).
+    here = [Device(child, "leaf1"), Device(child, "leaf2")]
+    port = parent.ports["mqtts" if pair[2] == "mqtt" else "amqps"]
+    want = 2 if pair[2] == "mqtt" else 1
+    wait_for(lambda: established(port) == want, what=f"{want} connection(s) to the parent")
+    time.sleep(0.5)
+    assert established(port) == want
+    for d in here:
+        d.stop()
     # Forwarded means acknowledged by the parent: gone from the child.
     wait_for(lambda: child.outbox() == [], what="the child's queue to empty")
     assert child.metrics()['edgehub_queue_length{endpoint="$upstream",priority="10"}'] == 0
