@@ -7,6 +7,7 @@
 # The hub's CPU time is read from /proc/<pid>/stat before and after the
 # measured window, so the ratio and the CPU per message do not depend on
 # how fast the shared machine happens to be.
+# The load generator is always this tree's.
 # Usage: benches/heads_pinned.sh [seconds] [devices] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,9 @@ secs="${1:-10}"; devices="${2:-1000}"; rounds="${3:-1}"
 [ "$(nproc)" -ge 2 ] || { echo "needs two cores to pin hub and load apart" >&2; exit 1; }
 [ "${BENCH_NO_BUILD:-0}" = 1 ] || cargo build -q --release -p edgehub -p edgehub-loadtest
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+# BENCH_BIN_DIR: binaries of another build (say, a worktree of the commit
+# before a change), to compare in the same session.
+bin_dir="${BENCH_BIN_DIR:-$target_dir/release}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 work="$(mktemp -d -p "${BENCH_DIR:-$PWD}")"
 pid=""
@@ -28,7 +32,7 @@ echo "edgehub $(git rev-parse --short HEAD), $(nproc) cores, $(date -u +%Y-%m-%d
 for round in $(seq "$rounds"); do
     for target in mqtts://localhost:18883 amqps://localhost:15671; do
         rm -rf "$work/hub"
-        taskset -c 0 "$target_dir/release/edgehub" --data-dir "$work/hub" \
+        taskset -c 0 "$bin_dir/edgehub" --data-dir "$work/hub" \
             --mqtts-listen 127.0.0.1:18883 --amqps-listen 127.0.0.1:15671 \
             --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
             --durability fsync --log warn > "$work/hub.out" 2>&1 &

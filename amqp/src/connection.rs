@@ -791,7 +791,7 @@ async fn telemetry(
         let batch = delivery.message_format().as_ref() == Some(&message::BATCH_FORMAT);
         let parts = if batch {
             match message::batch(delivery.message()) {
-                Ok(parts) => parts.iter().map(message::telemetry).collect(),
+                Ok(parts) => parts.into_iter().map(message::into_telemetry).collect(),
                 Err(why) => {
                     let _ = receiver
                         .reject(info, error(AmqpError::DecodeError, why))
@@ -800,9 +800,8 @@ async fn telemetry(
                 }
             }
         } else {
-            vec![message::telemetry(delivery.message())]
+            vec![message::into_telemetry(delivery.into_message())]
         };
-        drop(delivery);
         let mut stored = Vec::with_capacity(parts.len());
         let mut refused = None;
         for mut msg in parts {

@@ -126,9 +126,31 @@ pub fn batch(outer: &AmqpMessage) -> Result<Vec<AmqpMessage>, String> {
         .collect()
 }
 
+/// The body bytes of a message given up: a single Data section (what the
+/// SDKs send) becomes the message body without a copy.
+fn into_body_bytes(body: Body<Value>) -> Bytes {
+    match body {
+        Body::Data(sections) if sections.len() == 1 => {
+            let Data(b) = sections.into_inner().pop().expect("one section");
+            Bytes::from(b.into_vec())
+        }
+        other => body_bytes(&other),
+    }
+}
+
 /// A telemetry message as a device sent it over AMQP.
 pub fn telemetry(m: &AmqpMessage) -> Message {
-    let mut msg = Message::new(body_bytes(&m.body));
+    telemetry_with_body(m, body_bytes(&m.body))
+}
+
+/// [`telemetry`] of a message the caller gives up (its body is moved).
+pub fn into_telemetry(mut m: AmqpMessage) -> Message {
+    let body = into_body_bytes(std::mem::replace(&mut m.body, Body::Empty));
+    telemetry_with_body(&m, body)
+}
+
+fn telemetry_with_body(m: &AmqpMessage, body: Bytes) -> Message {
+    let mut msg = Message::new(body);
     if let Some(p) = &m.properties {
         if let Some(id) = &p.message_id {
             msg.set_system(SystemProperty::MessageId, &id_text(id));
@@ -379,6 +401,9 @@ mod tests {
             .build();
         let msg = telemetry(&m);
         assert_eq!(&msg.body[..], b"{\"t\":1}");
+        let owned = into_telemetry(m.clone());
+        assert_eq!(owned.body, msg.body);
+        assert_eq!(owned.properties, msg.properties);
         let sys = |p| msg.system(p).map(|v| v.to_string());
         assert_eq!(sys(SystemProperty::MessageId).as_deref(), Some("m-1"));
         assert_eq!(sys(SystemProperty::CorrelationId).as_deref(), Some("c-1"));

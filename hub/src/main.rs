@@ -4,6 +4,12 @@ use edgehub::config::{Command, RoutesCommand};
 use edgehub::{Config, Server};
 use tracing_subscriber::EnvFilter;
 
+// Both protocol heads allocate per frame and per message (the AMQP one
+// more: fe2o3's engines, the generic body); glibc's allocator took a fifth
+// of the hub's CPU there (BENCHMARKS.md). RocksDB's C++ keeps its own.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     if let Some(Command::Routes(cmd)) = &config.command {
