@@ -650,12 +650,21 @@ mod amqp {
                         vec![Data(Binary::from(payload))].into(),
                     ))
                     .build();
-                match sender.send_batchable(msg).await {
-                    Ok(fut) => inflight.push(async move { (now, fut.await) }),
-                    Err(e) => {
+                // A transfer waits for link credit, which a hub that went
+                // away never gives: the run's end must not wait for it.
+                let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+                let sent_or = tokio::select! {
+                    r = sender.send_batchable(msg) => Some(r),
+                    _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => None,
+                    _ = stop.changed() => None,
+                };
+                match sent_or {
+                    Some(Ok(fut)) => inflight.push(async move { (now, fut.await) }),
+                    Some(Err(e)) => {
                         sh.error(format!("amqp send: {e}"));
                         break;
                     }
+                    None => break,
                 }
                 sent += 1;
                 sh.counters.published.fetch_add(1, Ordering::Relaxed);
@@ -684,11 +693,18 @@ mod amqp {
                 },
                 _ = tokio::time::sleep_until(wake), if !done => {}
                 _ = stop.changed(), if !done => {}
+                // Settlements still owed at the end: a hub that went away
+                // never sends them.
+                _ = tokio::time::sleep(Duration::from_secs(10)), if done => break,
             }
         }
-        let _ = sender.close().await;
-        let _ = session.end().await;
-        let _ = conn.close().await;
+        // Closing waits for the hub's answers, which a dead hub never sends.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = sender.close().await;
+            let _ = session.end().await;
+            let _ = conn.close().await;
+        })
+        .await;
         sh.ack_hist.lock().unwrap().add(&hist).expect("same bounds");
     }
 }

@@ -577,8 +577,16 @@ pub(super) async fn identity_worker(
         let mut idle_since = tokio::time::Instant::now();
         let renew_every = Duration::from_secs(TOKEN_TTL_SECS / 2);
         let mut renew_at = tokio::time::Instant::now() + renew_every;
+        // The identity left: its session ends once what is in flight is
+        // settled (ending it sooner would send those again: duplicates).
+        let mut leaving = false;
         loop {
-            while sent < pending.len() && inflight.len() < WINDOW {
+            if leaving && inflight.is_empty() {
+                link.end(&mut down).await;
+                debug!(identity, "identity left; its upstream session ended");
+                continue 'outer;
+            }
+            while !leaving && sent < pending.len() && inflight.len() < WINDOW {
                 let m = amqp_message::upstream(&pending[sent].message);
                 match link.events.send_batchable(m).await {
                     Ok(fut) => inflight.push_back(fut),
@@ -671,6 +679,7 @@ pub(super) async fn identity_worker(
                 Some(c) = control.recv() => match c {
                     Control::Online(true) => {
                         online = true;
+                        leaving = false;
                         if let (Some(relay), None) = (&sh.relay, &reported) {
                             match link.start_downlink(&identity, relay, &mut down).await {
                                 Ok(r) => reported = Some(r),
@@ -685,13 +694,9 @@ pub(super) async fn identity_worker(
                     }
                     Control::Online(false) => {
                         online = false;
-                        if reported.is_some() {
-                            // The parent must stop seeing the identity as
-                            // here (a method to it must get 404 there).
-                            link.end(&mut down).await;
-                            debug!(identity, "identity left; its upstream session ended");
-                            continue 'outer;
-                        }
+                        // The parent must stop seeing the identity as here
+                        // (a method to it must get 404 there).
+                        leaving = reported.is_some();
                     }
                     Control::Reported => {
                         if let Some(r) = &reported {

@@ -167,8 +167,17 @@ pub(super) async fn identity_worker(
         let mut sent = 0usize;
         let mut idle_since = tokio::time::Instant::now();
         let mut ping_at = tokio::time::Instant::now() + Duration::from_secs(30);
+        // The identity left: the connection closes once what is in flight
+        // is acknowledged (closing sooner would send those again).
+        let mut leaving = false;
         loop {
-            while sent < pending.len() && inflight.len() < WINDOW {
+            if leaving && inflight.is_empty() {
+                link.send(&Packet::Disconnect(Default::default()));
+                let _ = link.flush().await;
+                debug!(identity, "identity left; its upstream connection closed");
+                continue 'outer;
+            }
+            while !leaving && sent < pending.len() && inflight.len() < WINDOW {
                 let e = &pending[sent];
                 let id = next_id;
                 next_id = next_id.checked_add(1).unwrap_or(1);
@@ -226,20 +235,16 @@ pub(super) async fn identity_worker(
                 Some(c) = control.recv() => match c {
                     Control::Online(true) => {
                         online = true;
+                        leaving = false;
                         if let (Some(relay), false) = (&sh.relay, down.subscribed) {
                             down.start(&mut link, relay.as_ref()).await;
                         }
                     }
                     Control::Online(false) => {
                         online = false;
-                        if down.subscribed {
-                            // The parent must stop seeing the identity as
-                            // here (a method to it must get 404 there).
-                            link.send(&Packet::Disconnect(Default::default()));
-                            let _ = link.flush().await;
-                            debug!(identity, "identity left; its upstream connection closed");
-                            continue 'outer;
-                        }
+                        // The parent must stop seeing the identity as here
+                        // (a method to it must get 404 there).
+                        leaving = down.subscribed;
                     }
                     Control::Reported => {
                         if let (Some(relay), true) = (&sh.relay, down.subscribed) {
