@@ -85,6 +85,9 @@ fn verdict(state: &ConnState, m: &AmqpMessage) -> (i32, String) {
 }
 
 /// The client's `$cbs` sender: each request is verified and answered.
+/// How long a put-token's answer waits for the client's `$cbs` receiver.
+const REPLY_LINK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) async fn serve_requests(state: Arc<ConnState>, mut receiver: Receiver) {
     loop {
         let d = match receiver.recv::<Body<Value>>().await {
@@ -114,7 +117,14 @@ pub(crate) async fn serve_requests(state: Arc<ConnState>, mut receiver: Receiver
             .body(Body::Value(AmqpValue(Value::Null)))
             .build();
         let _ = receiver.accept(info).await;
-        let queue = state.cbs_replies.lock().clone();
+        // The client attaches its two $cbs links together and may send a
+        // request before the task of its receiver link has started: the
+        // reply waits for that link a moment rather than being lost.
+        let mut replies = state.cbs_replies.subscribe();
+        let queue = tokio::time::timeout(REPLY_LINK_WAIT, replies.wait_for(|q| q.is_some()))
+            .await
+            .ok()
+            .and_then(|q| q.ok().and_then(|q| q.clone()));
         match queue {
             Some(q) => {
                 let _ = q.send(reply).await;
@@ -127,7 +137,7 @@ pub(crate) async fn serve_requests(state: Arc<ConnState>, mut receiver: Receiver
 /// The client's `$cbs` receiver: replies go out on it.
 pub(crate) async fn serve_replies(state: Arc<ConnState>, mut sender: Sender) {
     let (tx, mut rx) = mpsc::channel(16);
-    *state.cbs_replies.lock() = Some(tx);
+    state.cbs_replies.send_replace(Some(tx));
     while let Some(reply) = rx.recv().await {
         // Pre-settled: a reply is not worth redelivering, and a client that
         // never settles it must not hold up the next one.

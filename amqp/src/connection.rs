@@ -319,7 +319,7 @@ pub(crate) struct ConnState {
     /// (granted through an auth chain): a renewed edge token extends them.
     chained: Mutex<HashMap<String, String>>,
     /// The `$cbs` sender link's queue, for put-token replies.
-    pub cbs_replies: Mutex<Option<mpsc::Sender<AmqpMessage>>>,
+    pub cbs_replies: watch::Sender<Option<mpsc::Sender<AmqpMessage>>>,
 }
 
 impl ConnState {
@@ -550,7 +550,7 @@ pub async fn serve<S>(
         identities: Mutex::default(),
         tokens: Mutex::default(),
         chained: Mutex::default(),
-        cbs_replies: Mutex::default(),
+        cbs_replies: watch::channel(None).0,
     });
     let plain = verdict.lock().identity.clone();
     if let Some(a) = plain {
