@@ -231,13 +231,21 @@ pub fn upstream(msg: &Message) -> AmqpMessage {
     if let Some(i) = text(SystemProperty::InterfaceId) {
         ann = ann.insert(Symbol::from("iothub-interface-id"), Value::String(i));
     }
+    with_data(properties, app.build(), ann.build(), &msg.body)
+}
+
+/// A message with these sections and `body` as one Data section.
+fn with_data(
+    properties: Properties,
+    app: ApplicationProperties,
+    ann: MessageAnnotations,
+    body: &[u8],
+) -> AmqpMessage {
     fe2o3_amqp::types::messaging::Message::builder()
         .properties(properties)
-        .application_properties(app.build())
-        .message_annotations(ann.build())
-        .body(Body::Data(
-            vec![Data(Binary::from(msg.body.to_vec()))].into(),
-        ))
+        .application_properties(app)
+        .message_annotations(ann)
+        .body(Body::Data(vec![Data(Binary::from(body.to_vec()))].into()))
         .build()
 }
 
@@ -357,14 +365,7 @@ pub fn outgoing(msg: &Message, extra: Outgoing<'_>) -> AmqpMessage {
             Value::String(m),
         );
     }
-    fe2o3_amqp::types::messaging::Message::builder()
-        .properties(properties)
-        .application_properties(app.build())
-        .message_annotations(ann.build())
-        .body(Body::Data(
-            vec![Data(Binary::from(msg.body.to_vec()))].into(),
-        ))
-        .build()
+    with_data(properties, app.build(), ann.build(), &msg.body)
 }
 
 #[cfg(test)]

@@ -39,8 +39,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::{
-    credentials, CloudToEdge, Control, Credentials, LinkState, OpenError, Shared, CONNECT_TIMEOUT,
-    IDLE_CLOSE, LOCAL_RETRY, TOKEN_TTL_SECS, WINDOW,
+    credentials, local_retry, open_failed, CloudToEdge, Control, Credentials, LinkState, OpenError,
+    Shared, CONNECT_TIMEOUT, IDLE_CLOSE, LOCAL_RETRY, TOKEN_TTL_SECS, WINDOW,
 };
 
 /// CBS requests waiting for the `$cbs` link.
@@ -338,6 +338,31 @@ impl IdentitySession {
             .map_err(|e| e.to_string())
     }
 
+    /// A twin or methods pair on `address`: the hub's requests in (settled
+    /// on arrival), its answers out, paired by a channel correlation id.
+    async fn pair(
+        &mut self,
+        identity: &str,
+        channel: &str,
+        address: String,
+    ) -> Result<(Sender, Receiver), String> {
+        let props = self.pair_properties(channel);
+        let rx = self
+            .receiver(
+                format!("{identity}-{channel}-in"),
+                address.clone(),
+                Some(props.clone()),
+                true,
+            )
+            .await
+            .map_err(|e| format!("{channel} link: {e}"))?;
+        let tx = self
+            .sender(format!("{identity}-{channel}-out"), address, props)
+            .await
+            .map_err(|e| format!("{channel} link: {e}"))?;
+        Ok((tx, rx))
+    }
+
     /// Attaches the identity's cloud-to-edge links, each served by a task
     /// of `tasks`; the twin task also hears of local reported changes.
     async fn start_downlink(
@@ -360,24 +385,7 @@ impl IdentitySession {
                 .map_err(|e| format!("C2D link: {e}"))?;
             tasks.spawn(c2d_link(relay.clone(), identity.to_owned(), c2d));
         }
-        let props = self.pair_properties("twin");
-        let twin_rx = self
-            .receiver(
-                format!("{identity}-twin-in"),
-                format!("{base}/twin"),
-                Some(props.clone()),
-                true,
-            )
-            .await
-            .map_err(|e| format!("twin link: {e}"))?;
-        let twin_tx = self
-            .sender(
-                format!("{identity}-twin-out"),
-                format!("{base}/twin"),
-                props,
-            )
-            .await
-            .map_err(|e| format!("twin link: {e}"))?;
+        let (twin_tx, twin_rx) = self.pair(identity, "twin", format!("{base}/twin")).await?;
         let (reported, reported_rx) = mpsc::unbounded_channel();
         tasks.spawn(twin_link(
             relay.clone(),
@@ -386,24 +394,9 @@ impl IdentitySession {
             twin_rx,
             reported_rx,
         ));
-        let props = self.pair_properties("methods");
-        let methods_rx = self
-            .receiver(
-                format!("{identity}-methods-in"),
-                format!("{base}/methods/deviceBound"),
-                Some(props.clone()),
-                true,
-            )
-            .await
-            .map_err(|e| format!("methods link: {e}"))?;
-        let methods_tx = self
-            .sender(
-                format!("{identity}-methods-out"),
-                format!("{base}/methods/deviceBound"),
-                props,
-            )
-            .await
-            .map_err(|e| format!("methods link: {e}"))?;
+        let (methods_tx, methods_rx) = self
+            .pair(identity, "methods", format!("{base}/methods/deviceBound"))
+            .await?;
         tasks.spawn(methods_link(
             relay.clone(),
             identity.to_owned(),
@@ -529,29 +522,9 @@ pub(super) async fn identity_worker(
                 debug!(identity, "upstream AMQP session open");
                 l
             }
-            Err(OpenError::Remote(e)) => {
-                let delay = sh.backoff.failed();
-                sh.link(LinkState::Down, &e);
-                debug!(identity, error = %e, retry_in_ms = delay.as_millis() as u64, "upstream session failed");
-                continue;
-            }
-            Err(OpenError::Refused(e)) => {
-                if !sh.status.is_up() {
-                    sh.link(LinkState::Down, &e);
-                }
-                warn!(identity, error = %e, retry_in_s = LOCAL_RETRY.as_secs(),
-                    "the parent refused this identity; its messages stay stored");
-                tokio::select! {
-                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                    _ = shutdown.changed() => return,
-                }
-                continue;
-            }
-            Err(OpenError::Local(e)) => {
-                warn!(identity, error = %e, "cannot forward this identity's messages; they stay stored");
-                tokio::select! {
-                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                    _ = shutdown.changed() => return,
+            Err(e) => {
+                if !open_failed(&sh, &identity, e, &mut shutdown).await {
+                    return;
                 }
                 continue;
             }
@@ -596,9 +569,8 @@ pub(super) async fn identity_worker(
                                 warn!(identity, error = %condition_text(err), retry_in_s = LOCAL_RETRY.as_secs(),
                                     "the parent refused this identity; its messages stay stored");
                                 link.end(&mut down).await;
-                                tokio::select! {
-                                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                                    _ = shutdown.changed() => return,
+                                if !local_retry(&mut shutdown).await {
+                                    return;
                                 }
                                 continue 'outer;
                             }
@@ -635,9 +607,8 @@ pub(super) async fn identity_worker(
                         warn!(identity, reason = %why, retry_in_s = LOCAL_RETRY.as_secs(),
                             "the parent did not take a message; it stays stored");
                         link.end(&mut down).await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                            _ = shutdown.changed() => return,
+                        if !local_retry(&mut shutdown).await {
+                            return;
                         }
                         continue 'outer;
                     }
@@ -645,9 +616,8 @@ pub(super) async fn identity_worker(
                         warn!(identity, error = %why, retry_in_s = LOCAL_RETRY.as_secs(),
                             "the parent refused this identity; its messages stay stored");
                         link.end(&mut down).await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                            _ = shutdown.changed() => return,
+                        if !local_retry(&mut shutdown).await {
+                            return;
                         }
                         continue 'outer;
                     }

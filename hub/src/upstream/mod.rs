@@ -528,6 +528,45 @@ enum OpenError {
     Refused(String),
 }
 
+/// Waits out [`LOCAL_RETRY`]; `false` when the hub shuts down meanwhile.
+async fn local_retry(shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(LOCAL_RETRY) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// After an identity's link could not be opened: the shared backoff for
+/// the parent's failures, a slow retry of its own for a refused identity
+/// or one we cannot sign for. `false` when the hub shuts down meanwhile.
+async fn open_failed(
+    sh: &Shared,
+    identity: &str,
+    e: OpenError,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    match e {
+        OpenError::Remote(e) => {
+            let delay = sh.backoff.failed();
+            sh.link(LinkState::Down, &e);
+            tracing::debug!(identity, error = %e, retry_in_ms = delay.as_millis() as u64, "upstream connection failed");
+            true
+        }
+        OpenError::Refused(e) => {
+            if !sh.status.is_up() {
+                sh.link(LinkState::Down, &e);
+            }
+            warn!(identity, error = %e, retry_in_s = LOCAL_RETRY.as_secs(),
+                "the parent refused this identity; its messages stay stored");
+            local_retry(shutdown).await
+        }
+        OpenError::Local(e) => {
+            warn!(identity, error = %e, "cannot forward this identity's messages; they stay stored");
+            local_retry(shutdown).await
+        }
+    }
+}
+
 /// What an identity's upstream connection authenticates with.
 struct Credentials {
     /// The SAS token: the identity's own, or in chain mode this edge

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::{
-    credentials, CloudToEdge, Control, Credentials, LinkState, OpenError, Shared, CONNECT_TIMEOUT,
-    IDLE_CLOSE, LOCAL_RETRY, WINDOW,
+    credentials, open_failed, CloudToEdge, Control, Credentials, LinkState, OpenError, Shared,
+    CONNECT_TIMEOUT, IDLE_CLOSE, WINDOW,
 };
 
 /// Telemetry or module-output topic of `identity` with the message's
@@ -126,29 +126,9 @@ pub(super) async fn identity_worker(
                 debug!(identity, "upstream connection open");
                 l
             }
-            Err(OpenError::Remote(e)) => {
-                let delay = sh.backoff.failed();
-                sh.link(LinkState::Down, &e);
-                debug!(identity, error = %e, retry_in_ms = delay.as_millis() as u64, "upstream connection failed");
-                continue;
-            }
-            Err(OpenError::Refused(e)) => {
-                if !sh.status.is_up() {
-                    sh.link(LinkState::Down, &e);
-                }
-                warn!(identity, error = %e, retry_in_s = LOCAL_RETRY.as_secs(),
-                    "the parent refused this identity; its messages stay stored");
-                tokio::select! {
-                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                    _ = shutdown.changed() => return,
-                }
-                continue;
-            }
-            Err(OpenError::Local(e)) => {
-                warn!(identity, error = %e, "cannot forward this identity's messages; they stay stored");
-                tokio::select! {
-                    _ = tokio::time::sleep(LOCAL_RETRY) => {}
-                    _ = shutdown.changed() => return,
+            Err(e) => {
+                if !open_failed(&sh, &identity, e, &mut shutdown).await {
+                    return;
                 }
                 continue;
             }
