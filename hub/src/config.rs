@@ -35,6 +35,26 @@ pub struct Config {
     #[arg(long, env = "EDGEHUB_AMQPS_LISTEN", default_value = "0.0.0.0:5671")]
     pub amqps_listen: SocketAddr,
 
+    /// MQTT and AMQP over WebSocket with TLS, as IoT Hub serves them on
+    /// 443 (`wss://host/$iothub/websocket`; the subprotocol, `mqtt` or
+    /// `AMQPWSB10`, picks the protocol). Same certificates and optional
+    /// client certificate as the other TLS listeners. `off` to disable.
+    /// Without the right to bind a port below 1024 the hub warns and serves
+    /// the other listeners.
+    #[arg(long, env = "EDGEHUB_WSS_LISTEN", default_value = "0.0.0.0:443")]
+    pub wss_listen: Listen,
+
+    /// MQTT and AMQP over plain WebSocket, for an ingress or proxy that
+    /// terminates TLS in front of the hub (then no client certificate
+    /// reaches it: devices authenticate with SAS tokens). Off unless given.
+    #[arg(long, env = "EDGEHUB_WS_LISTEN")]
+    pub ws_listen: Option<SocketAddr>,
+
+    /// MQTT over QUIC (UDP; ALPN `mqtt`, TLS 1.3, the session on the first
+    /// bidirectional stream), with the same certificates. `off` to disable.
+    #[arg(long, env = "EDGEHUB_QUIC_LISTEN", default_value = "0.0.0.0:14567")]
+    pub quic_listen: Listen,
+
     /// Server certificate chain (PEM, leaf first). Without it, a development CA
     /// and server certificate are generated in the data dir on first start.
     #[arg(long, env = "EDGEHUB_TLS_CERT", requires = "tls_key")]
@@ -218,6 +238,23 @@ pub struct Config {
     pub management_token: Option<String>,
 }
 
+/// A listener address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen(None));
+        }
+        s.parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|_| format!("{s:?}: expected host:port (e.g. 0.0.0.0:443) or off"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum UpstreamProtocolArg {
     Mqtt,
@@ -314,6 +351,8 @@ impl Config {
         c.data_dir = data_dir.into();
         // Tests run hubs side by side: no fixed port.
         c.amqps_listen = "127.0.0.1:0".parse().expect("address");
+        c.wss_listen = "127.0.0.1:0".parse().expect("address");
+        c.quic_listen = "127.0.0.1:0".parse().expect("address");
         c
     }
 

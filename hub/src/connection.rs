@@ -40,6 +40,19 @@ use edgehub_store::StoreError;
 
 const TX_HIGH: usize = 64 * 1024;
 const TX_PAUSE_READ: usize = 1024 * 1024;
+/// Writes what `tx` holds, or flushes once it is empty; true when it wrote.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    tx: &mut BytesMut,
+) -> std::io::Result<bool> {
+    if tx.is_empty() {
+        wr.flush().await?;
+        return Ok(false);
+    }
+    wr.write_buf(tx).await?;
+    Ok(true)
+}
+
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// After a DISCONNECT with a reason: how long and how much of the client's
@@ -423,7 +436,11 @@ impl Connection {
         }
         if let Some((tx, why)) = refusal {
             info!(%peer, client = %client_id, reason = %why, "connection refused");
-            let _ = tokio::time::timeout(CLOSE_FLUSH, wr.write_all(&tx)).await;
+            let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+                wr.write_all(&tx).await?;
+                wr.flush().await
+            })
+            .await;
             return None;
         }
         let principal = principal.expect("set when not refused");
@@ -541,6 +558,7 @@ impl Connection {
         if let Err(c) = self.drain(&mut rx, max_in) {
             return c;
         }
+        let mut unflushed = false;
         loop {
             self.fill_from_session();
             let deadline = self
@@ -586,9 +604,13 @@ impl Connection {
                         }
                     }
                 }
-                r = wr.write_buf(&mut self.tx), if !self.tx.is_empty() => {
-                    if let Err(e) = r {
-                        return Close { reason: None, ending: Ending::PublishWill, why: format!("write error: {e}") };
+                // Once a batch is written out it is flushed: transports that
+                // gather writes (WebSocket messages) send it then; TCP and
+                // TLS have nothing left to do.
+                r = write_or_flush(wr, &mut self.tx), if !self.tx.is_empty() || unflushed => {
+                    match r {
+                        Err(e) => return Close { reason: None, ending: Ending::PublishWill, why: format!("write error: {e}") },
+                        Ok(wrote) => unflushed = wrote,
                     }
                 }
                 _ = session.wake.notified() => {}

@@ -59,10 +59,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(a) = server.amqps_addr() {
         println!("listening amqps {a}");
     }
+    if let Some(a) = server.wss_addr() {
+        println!("listening wss {a}");
+    }
+    if let Some(a) = server.ws_addr() {
+        println!("listening ws {a}");
+    }
+    if let Some(a) = server.quic_addr() {
+        println!("listening quic {a}");
+    }
+    // Every listener is printed above: scripts can stop reading here.
+    println!("ready");
     tracing::info!(
         mqtt = ?server.mqtt_addr(),
         mqtts = ?server.mqtts_addr(),
         amqps = ?server.amqps_addr(),
+        wss = ?server.wss_addr(),
+        ws = ?server.ws_addr(),
+        quic = ?server.quic_addr(),
         data_dir = %config.data_dir.display(),
         "edgehub started"
     );

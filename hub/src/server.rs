@@ -71,6 +71,9 @@ pub struct Server {
     mqtt: Option<TcpListener>,
     mqtts: Option<(TcpListener, TlsAcceptor)>,
     amqps: Option<(TcpListener, TlsAcceptor)>,
+    wss: Option<(TcpListener, TlsAcceptor)>,
+    ws: Option<TcpListener>,
+    quic: Option<edgehub_streams::quic::quinn::Endpoint>,
     amqp: Arc<edgehub_amqp::AmqpHub>,
     shutdown: watch::Sender<bool>,
 }
@@ -258,8 +261,41 @@ impl Server {
         );
         let amqps = (
             bind(config.amqps_listen).await?,
-            TlsAcceptor::from(tls_config),
+            TlsAcceptor::from(tls_config.clone()),
         );
+        let wss = match config.wss_listen.0 {
+            None => None,
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => Some((l, TlsAcceptor::from(tls_config.clone()))),
+                // Devices' SDKs dial 443 and nothing else, so the default
+                // stays; where it cannot be had the rest still serves.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    warn!(
+                        %addr,
+                        "MQTT/AMQP over WebSocket is off: no permission to bind {addr} \
+                         (run as root, grant it with `setcap cap_net_bind_service=+ep` on \
+                         the edgehub binary, or choose a port with --wss-listen)"
+                    );
+                    None
+                }
+                Err(source) => return Err(ServerError::Bind { addr, source }),
+            },
+        };
+        let ws = match config.ws_listen {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        let quic = match config.quic_listen.0 {
+            None => None,
+            Some(addr) => {
+                let cfg = edgehub_streams::quic::server_config((*tls_config).clone())
+                    .map_err(|e| ServerError::Config(e.to_string()))?;
+                Some(
+                    edgehub_streams::quic::quinn::Endpoint::server(cfg, addr)
+                        .map_err(|source| ServerError::Bind { addr, source })?,
+                )
+            }
+        };
         let mqtt = match config.mqtt_listen {
             Some(a) => Some(bind(a).await?),
             None => None,
@@ -493,6 +529,9 @@ impl Server {
             mqtt,
             mqtts: Some(mqtts),
             amqps: Some(amqps),
+            wss,
+            ws,
+            quic,
             amqp,
             shutdown: watch::channel(false).0,
         })
@@ -516,6 +555,18 @@ impl Server {
 
     pub fn amqps_addr(&self) -> Option<SocketAddr> {
         self.amqps.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.wss.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     pub fn mqtts_addr(&self) -> Option<SocketAddr> {
@@ -616,22 +667,35 @@ impl Server {
             iothub: Some(self.iothub.clone()),
         });
         let handshake_timeout = self.broker.limits.connect_timeout;
-        let listeners = [
-            self.mqtt.take().map(|tcp| (tcp, None)),
-            self.mqtts.take().map(|(tcp, a)| (tcp, Some(a))),
-        ];
         let amqp_head: Arc<dyn crate::transport::Head> =
             Arc::new(crate::amqp::AmqpHead(self.amqp.clone()));
-        let listeners = listeners
-            .into_iter()
-            .flatten()
-            .map(|(tcp, tls)| (tcp, tls, mqtt_head.clone()))
-            .chain(
-                self.amqps
-                    .take()
-                    .map(|(tcp, a)| (tcp, Some(a), amqp_head.clone())),
-            );
-        for (tcp, tls, head) in listeners {
+        let ws_head: Arc<dyn crate::transport::Head> = Arc::new(crate::transport::WebSocketHead {
+            mqtt: mqtt_head.clone(),
+            amqp: amqp_head.clone(),
+            timeout: handshake_timeout,
+            // A message may gather several packets.
+            max_message: (self.broker.limits.max_packet_size as usize)
+                .saturating_mul(4)
+                .max(1 << 20),
+        });
+        let tls = |(tcp, a): (TcpListener, TlsAcceptor)| (tcp, Some(a));
+        let listeners = [
+            self.mqtt.take().map(|tcp| (tcp, None, mqtt_head.clone())),
+            self.mqtts
+                .take()
+                .map(tls)
+                .map(|(t, a)| (t, a, mqtt_head.clone())),
+            self.amqps
+                .take()
+                .map(tls)
+                .map(|(t, a)| (t, a, amqp_head.clone())),
+            self.wss
+                .take()
+                .map(tls)
+                .map(|(t, a)| (t, a, ws_head.clone())),
+            self.ws.take().map(|tcp| (tcp, None, ws_head.clone())),
+        ];
+        for (tcp, tls, head) in listeners.into_iter().flatten() {
             let listener = crate::transport::Listener {
                 tcp,
                 tls,
@@ -639,6 +703,18 @@ impl Server {
             };
             accept_tasks.push(tokio::spawn(listener.run(
                 head,
+                self.shutdown.subscribe(),
+                tracker.clone(),
+            )));
+        }
+        let quic = self.quic.take();
+        if let Some(endpoint) = quic.clone() {
+            let listener = crate::transport::QuicListener {
+                endpoint,
+                handshake_timeout,
+            };
+            accept_tasks.push(tokio::spawn(listener.run(
+                mqtt_head.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));
@@ -658,6 +734,12 @@ impl Server {
                 open = tracker.live(),
                 "connections still open after 5 s; exiting anyway"
             );
+        }
+        if let Some(endpoint) = quic {
+            // Closed QUIC streams linger until the peer has their last
+            // bytes; then the close itself has to reach the peers.
+            let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+            endpoint.close(0u32.into(), b"shutting down");
         }
     }
 }

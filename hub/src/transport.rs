@@ -1,6 +1,8 @@
 //! Transports: a listener accepts connections and yields byte streams —
-//! plain TCP, or TLS with the client certificate chain the peer presented —
-//! each handed to a protocol head ([`Head`]) on its own task. The heads see
+//! plain TCP, TLS with the client certificate chain the peer presented,
+//! WebSocket over either ([`WebSocketHead`] picks the head by
+//! subprotocol), or a QUIC stream ([`QuicListener`]) — each handed to a
+//! protocol head ([`Head`]) on its own task. The heads see
 //! an [`Accepted`] stream and nothing of how it arrived, so a new
 //! transport (WebSocket, QUIC) plugs in under every head, and a new head
 //! (AMQP) takes streams from every transport.
@@ -28,6 +30,9 @@ use tracing::{debug, warn};
 pub enum Stream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Over TCP or TLS, after the upgrade.
+    Ws(Box<edgehub_streams::ws::ServerStream>),
+    Quic(Box<edgehub_streams::quic::QuicStream>),
 }
 
 /// A stream and what the transport knows of its peer.
@@ -132,6 +137,102 @@ impl Listener {
     }
 }
 
+/// The WebSocket listener's head: answers the upgrade, then hands the
+/// stream to the MQTT or the AMQP head as the subprotocol says.
+pub struct WebSocketHead {
+    pub mqtt: Arc<dyn Head>,
+    pub amqp: Arc<dyn Head>,
+    /// How long the upgrade request may take.
+    pub timeout: Duration,
+    /// Largest WebSocket message accepted (it may carry several packets).
+    pub max_message: usize,
+}
+
+impl Head for WebSocketHead {
+    fn serve(self: Arc<Self>, a: Accepted, shutdown: watch::Receiver<bool>) -> BoxFuture {
+        use edgehub_streams::ws;
+        Box::pin(async move {
+            const HEADS: &[&str] = &[ws::MQTT, ws::AMQP];
+            let peer = a.peer;
+            let upgrade = ws::accept(a.stream, HEADS, self.max_message);
+            let (stream, protocol) = match tokio::time::timeout(self.timeout, upgrade).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "no WebSocket upgrade within the connect timeout");
+                    return;
+                }
+            };
+            let head = if protocol == ws::MQTT {
+                &self.mqtt
+            } else {
+                &self.amqp
+            };
+            let accepted = Accepted {
+                stream: Stream::Ws(Box::new(stream)),
+                peer,
+                client_chain: a.client_chain,
+            };
+            head.clone().serve(accepted, shutdown).await;
+        })
+    }
+}
+
+/// MQTT over QUIC: each connection's first bidirectional stream goes to
+/// the head.
+pub struct QuicListener {
+    pub endpoint: edgehub_streams::quic::quinn::Endpoint,
+    /// How long the QUIC handshake and the first stream may take.
+    pub handshake_timeout: Duration,
+}
+
+impl QuicListener {
+    pub async fn run(
+        self,
+        head: Arc<dyn Head>,
+        shutdown: watch::Receiver<bool>,
+        tracker: Arc<Tracker>,
+    ) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            tracker.live.fetch_add(1, Ordering::AcqRel);
+            let guard = Guard(tracker.clone());
+            let (head, shutdown) = (head.clone(), shutdown.clone());
+            let timeout = self.handshake_timeout;
+            tokio::spawn(async move {
+                let _guard = guard;
+                let peer = incoming.remote_address();
+                let opened = tokio::time::timeout(timeout, async move {
+                    let conn = incoming.await?;
+                    let (send, recv) = conn.accept_bi().await?;
+                    Ok::<_, edgehub_streams::quic::quinn::ConnectionError>((conn, send, recv))
+                });
+                let (conn, send, recv) = match opened.await {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        debug!(%peer, error = %e, "QUIC connection failed before its first stream");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!(%peer, "QUIC handshake or first stream timed out");
+                        return;
+                    }
+                };
+                let client_chain = edgehub_streams::quic::peer_certificates(&conn);
+                let stream = edgehub_streams::quic::QuicStream::new(conn, send, recv);
+                let accepted = Accepted {
+                    stream: Stream::Quic(Box::new(stream)),
+                    peer,
+                    client_chain,
+                };
+                head.serve(accepted, shutdown).await;
+            });
+        }
+    }
+}
+
 async fn tls_handshake(
     acceptor: TlsAcceptor,
     tcp: TcpStream,
@@ -163,16 +264,24 @@ async fn tls_handshake(
 
 // An enum rather than a boxed trait object: the connection's reads and
 // writes dispatch statically, one match per syscall.
+macro_rules! each {
+    ($stream:expr, $s:ident => $e:expr) => {
+        match $stream {
+            Stream::Tcp($s) => $e,
+            Stream::Tls($s) => $e,
+            Stream::Ws($s) => $e,
+            Stream::Quic($s) => $e,
+        }
+    };
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -182,10 +291,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -193,30 +299,18 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
+        each!(self, s => s.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        each!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }

@@ -20,6 +20,9 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The QUIC implementation, for endpoints built from [`server_config`].
+pub use quinn;
+
 /// The ALPN token of MQTT over QUIC.
 pub const ALPN: &[u8] = b"mqtt";
 /// EMQX's port, which QUIC-capable MQTT clients default to.

@@ -109,10 +109,8 @@ fn upgrade_response<B>(
     let h = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         h.get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(token))
-            })
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     if req.method() != http::Method::GET {
@@ -121,7 +119,8 @@ fn upgrade_response<B>(
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
         return Err((
             400,
-            "only WebSocket upgrades are served here (Upgrade: websocket, Connection: Upgrade)".into(),
+            "only WebSocket upgrades are served here (Upgrade: websocket, Connection: Upgrade)"
+                .into(),
         ));
     }
     if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
@@ -208,11 +207,7 @@ pub enum ConnectError {
 
 /// The client side: upgrades `io` (already TLS when the URL is `wss://`)
 /// with `GET url`, offering `subprotocol`, and checks the server chose it.
-pub async fn connect<S>(
-    io: S,
-    url: &str,
-    subprotocol: &str,
-) -> Result<WsStream<S>, ConnectError>
+pub async fn connect<S>(io: S, url: &str, subprotocol: &str) -> Result<WsStream<S>, ConnectError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -93,9 +93,16 @@ async fn a_client_without_the_mqtt_alpn_is_refused() {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let e = tokio::time::timeout(Duration::from_secs(10), ep.connect(addr, "localhost").unwrap())
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert!(e.to_string().contains("peer doesn't support any known protocol"), "{e}");
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        ep.connect(addr, "localhost").unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("peer doesn't support any known protocol"),
+        "{e}"
+    );
 }

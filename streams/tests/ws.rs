@@ -20,7 +20,10 @@ async fn raw_request(req: &str) -> (Result<&'static str, AcceptError>, String) {
     let (mut rd, mut wr) = tokio::io::split(client);
     wr.write_all(req.as_bytes()).await.unwrap();
     let mut response = String::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), srv).await.unwrap().unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), srv)
+        .await
+        .unwrap()
+        .unwrap();
     drop(wr);
     let _ = tokio::time::timeout(Duration::from_secs(5), rd.read_to_string(&mut response)).await;
     (r, response)
@@ -41,9 +44,15 @@ async fn the_subprotocol_picks_the_head_and_the_accept_key_follows_rfc6455() {
     assert_eq!(r.unwrap(), AMQP);
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     // RFC 6455 §1.3's own example key and answer.
-    assert!(response.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{response}");
+    assert!(
+        response.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "{response}"
+    );
     // Answered in the client's spelling.
-    assert!(response.contains("sec-websocket-protocol: amqpwsb10"), "{response}");
+    assert!(
+        response.contains("sec-websocket-protocol: amqpwsb10"),
+        "{response}"
+    );
 
     let (r, _) = raw_request(&upgrade("wamp, mqtt")).await;
     assert_eq!(r.unwrap(), MQTT);
@@ -52,18 +61,33 @@ async fn the_subprotocol_picks_the_head_and_the_accept_key_follows_rfc6455() {
 #[tokio::test]
 async fn refusals_say_why() {
     let (r, response) = raw_request(&upgrade("amqp")).await;
-    assert!(matches!(r, Err(AcceptError::Refused { status: 400, .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(AcceptError::Refused { status: 400, .. })),
+        "{r:?}"
+    );
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
-    assert!(response.contains("no supported subprotocol offered"), "{response}");
+    assert!(
+        response.contains("no supported subprotocol offered"),
+        "{response}"
+    );
     assert!(response.contains("mqtt, AMQPWSB10"), "{response}");
 
     let (r, response) =
         raw_request("GET / HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").await;
-    assert!(matches!(r, Err(AcceptError::Refused { status: 400, .. })), "{r:?}");
-    assert!(response.contains("only WebSocket upgrades are served here"), "{response}");
+    assert!(
+        matches!(r, Err(AcceptError::Refused { status: 400, .. })),
+        "{r:?}"
+    );
+    assert!(
+        response.contains("only WebSocket upgrades are served here"),
+        "{response}"
+    );
 
     let (r, response) = raw_request(&upgrade("mqtt").replace("Version: 13", "Version: 8")).await;
-    assert!(matches!(r, Err(AcceptError::Refused { status: 426, .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(AcceptError::Refused { status: 426, .. })),
+        "{r:?}"
+    );
     assert!(response.contains("sec-websocket-version: 13"), "{response}");
 
     // Not HTTP at all: an MQTT CONNECT sent to the WebSocket port.
@@ -99,7 +123,9 @@ async fn a_byte_stream_split_anywhere_across_messages_reads_back_whole_and_pings
     let (mut at, mut n) = (0, 1);
     while at < sent.len() {
         let end = (at + n).min(sent.len());
-        c.send(Message::binary(sent[at..end].to_vec())).await.unwrap();
+        c.send(Message::binary(sent[at..end].to_vec()))
+            .await
+            .unwrap();
         if n == 3 {
             c.send(Message::ping("are you there")).await.unwrap();
         }
@@ -129,7 +155,10 @@ async fn a_byte_stream_split_anywhere_across_messages_reads_back_whole_and_pings
 
 #[tokio::test]
 async fn text_messages_and_oversized_messages_end_the_stream_with_an_error() {
-    for (msg, max) in [(Message::text("CONNECT"), 1 << 20), (Message::binary(vec![0u8; 2048]), 1024)] {
+    for (msg, max) in [
+        (Message::text("CONNECT"), 1 << 20),
+        (Message::binary(vec![0u8; 2048]), 1024),
+    ] {
         let (client, server) = pipe();
         let srv = tokio::spawn(async move {
             let (mut s, _) = ws::accept(server, HEADS, max).await.unwrap();
@@ -148,7 +177,10 @@ async fn text_messages_and_oversized_messages_end_the_stream_with_an_error() {
             .await
             .unwrap();
         c.send(msg).await.unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(5), srv).await.unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), srv)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
     }
 }
@@ -162,7 +194,9 @@ async fn the_client_side_checks_the_chosen_subprotocol() {
         s.flush().await.unwrap();
         s.shutdown().await.unwrap();
     });
-    let mut c = ws::connect(client, "wss://hub:443/$iothub/websocket", AMQP).await.unwrap();
+    let mut c = ws::connect(client, "wss://hub:443/$iothub/websocket", AMQP)
+        .await
+        .unwrap();
     let mut got = String::new();
     c.read_to_string(&mut got).await.unwrap();
     assert_eq!(got, AMQP);
@@ -170,6 +204,9 @@ async fn the_client_side_checks_the_chosen_subprotocol() {
 
     let (client, server) = pipe();
     tokio::spawn(async move { ws::accept(server, HEADS, 1 << 20).await.map(|_| ()) });
-    let e = ws::connect(client, "ws://hub/", "amqp").await.err().unwrap();
+    let e = ws::connect(client, "ws://hub/", "amqp")
+        .await
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("WebSocket upgrade"), "{e}");
 }

@@ -1,6 +1,7 @@
 // One scenario of the official Azure IoT device SDK for Node.js, unchanged,
 // pointed at the gateway by GatewayHostName in its connection string, over
-// its MQTT transport or (EDGEHUB_TRANSPORT=amqp) its AMQP transport. Driven
+// the transport EDGEHUB_TRANSPORT names: mqtt (default), amqp, or either
+// over WebSocket on 443 (mqttws, amqpws). Driven
 // by tests/node/test_node_sdk*.py: the scenario name is the first argument,
 // the connection string is EDGEHUB_CS and the CA file EDGEHUB_CA. Every
 // event is one JSON line on stdout; the script exits when its scenario is
@@ -10,9 +11,12 @@
 const fs = require('fs');
 const readline = require('readline');
 const { Client, ModuleClient, Message } = require('azure-iot-device');
-const { Mqtt } = require('azure-iot-device-mqtt');
-const Transport =
-  process.env.EDGEHUB_TRANSPORT === 'amqp' ? require('azure-iot-device-amqp').Amqp : Mqtt;
+const Transport = {
+  mqtt: () => require('azure-iot-device-mqtt').Mqtt,
+  mqttws: () => require('azure-iot-device-mqtt').MqttWs,
+  amqp: () => require('azure-iot-device-amqp').Amqp,
+  amqpws: () => require('azure-iot-device-amqp').AmqpWs,
+}[process.env.EDGEHUB_TRANSPORT || 'mqtt']();
 // How the c2d scenario settles what it gets: complete, reject or abandon
 // (abandon once, then complete the redelivery).
 const settle = process.env.EDGEHUB_SETTLE || 'complete';

@@ -2,8 +2,9 @@
 (azure-iot-device + azure-iot-device-mqtt, and -amqp where a test says so;
 versions pinned in package-lock.json),
 unchanged, pointed at the gateway with GatewayHostName and its CA. Each
-scenario is a run of sdk.js; the SDK always dials port 8883, so the hub
-listens on 127.0.0.1:8883 here. scripts/test installs the packages with
+scenario is a run of sdk.js; the SDK always dials port 8883 (MQTT), 5671
+(AMQP) or 443 (either over WebSocket), so the hub listens on those ports of
+127.0.0.1 here. scripts/test installs the packages with
 `npm ci` outside the clone and passes their folder in EDGEHUB_NODE_MODULES."""
 
 import base64
@@ -122,8 +123,9 @@ def api_status(hub, method, path, body=None):
         return e.code, json.loads(e.read() or b"null")
 
 
-def test_telemetry_with_properties_is_stored_as_sent(gateway, scenario):
-    s = scenario("telemetry")
+@pytest.mark.parametrize("transport", ["mqtt", "mqttws", "amqpws"])
+def test_telemetry_with_properties_is_stored_as_sent(gateway, scenario, transport):
+    s = scenario("telemetry", transport=transport)
     for i in range(3):
         s.next("sent")
     assert s.finish() == 0
@@ -173,8 +175,9 @@ def test_module_output_reaches_another_modules_input_through_a_route(start_hub, 
     assert gateway.outbox(endpoint=endpoint) == []
 
 
-def test_cloud_to_device_message_arrives_and_is_completed(gateway, scenario):
-    s = scenario("c2d")
+@pytest.mark.parametrize("transport", ["mqtt", "mqttws", "amqpws"])
+def test_cloud_to_device_message_arrives_and_is_completed(gateway, scenario, transport):
+    s = scenario("c2d", transport=transport)
     s.next("ready")
     gateway.api("POST", "/api/devices/node-dev/messages",
                 {"body": "hello node", "properties": {"kind": "cmd"}, "messageId": "c2d-1"})
@@ -189,7 +192,7 @@ def test_cloud_to_device_message_arrives_and_is_completed(gateway, scenario):
     s.finish()
 
 
-@pytest.mark.parametrize("transport", ["mqtt", "amqp"])
+@pytest.mark.parametrize("transport", ["mqtt", "amqp", "mqttws", "amqpws"])
 def test_twin_desired_and_a_refused_reported_patch(gateway, scenario, transport):
     status, _ = api_status(gateway, "PATCH", "/twins/node-dev", {"properties": {"desired": {"rate": 5}}})
     assert status == 200
@@ -210,7 +213,7 @@ def test_twin_desired_and_a_refused_reported_patch(gateway, scenario, transport)
     assert "bad name" not in twin["properties"]["reported"], "a refused patch changes nothing"
 
 
-@pytest.mark.parametrize("transport", ["mqtt", "amqp"])
+@pytest.mark.parametrize("transport", ["mqtt", "amqp", "mqttws", "amqpws"])
 def test_direct_method_round_trip(gateway, scenario, transport):
     s = scenario("methods", transport=transport)
     s.next("ready")
@@ -224,7 +227,7 @@ def test_direct_method_round_trip(gateway, scenario, transport):
                                {"methodName": "echo", "payload": {"x": 1}, "responseTimeoutInSeconds": 10})
         if status != 404 or time.time() > deadline:
             break
-        expected = ("not subscribed",) if transport == "mqtt" else ("not subscribed", "is not connected")
+        expected = ("not subscribed",) if transport.startswith("mqtt") else ("not subscribed", "is not connected")
         assert any(e in r["message"] for e in expected), r
         time.sleep(0.1)
     assert status == 200, r

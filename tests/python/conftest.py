@@ -44,12 +44,13 @@ class Hub:
     """One edgehub process with plain and TLS listeners on 127.0.0.1:0."""
 
     def __init__(self, binary, data_dir: Path, *args, allow_anonymous=True, mqtts="127.0.0.1:0",
-                 amqps="127.0.0.1:0"):
+                 amqps="127.0.0.1:0", wss="127.0.0.1:0", quic="127.0.0.1:0"):
         self.data_dir = data_dir
         self.ca = data_dir / "ca.pem"
         cmd = [
             binary, "--data-dir", str(data_dir),
             "--mqtt-listen", "127.0.0.1:0", "--mqtts-listen", mqtts, "--amqps-listen", amqps,
+            "--wss-listen", wss, "--quic-listen", quic,
             "--management-listen", "127.0.0.1:0", "--store-min-free-disk", "0",
             "--hostname", "edgehub-test", "--log", "edgehub=debug,info",
         ]
@@ -69,18 +70,20 @@ class Hub:
         threading.Thread(target=pump, daemon=True).start()
         self.ports = {}
         deadline = time.time() + 30
-        while len(self.ports) < 4:
+        while True:
             try:
                 line = lines.get(timeout=max(0.1, deadline - time.time()))
             except queue.Empty:
                 self.stop()
                 raise RuntimeError(f"edgehub did not start; log: {self.log_path.read_text()}")
             parts = line.split()
+            if parts == ["ready"]:
+                break
             if len(parts) == 3 and parts[0] == "listening":
                 self.ports[parts[1]] = int(parts[2].rsplit(":", 1)[1])
 
     def port(self, transport):
-        return self.ports["mqtts" if transport == "tls" else "mqtt"]
+        return self.ports[{"tls": "mqtts", "tcp": "mqtt"}.get(transport, transport)]
 
     # The management API (HTTP on loopback).
     def api(self, method, path, body=None):
@@ -141,9 +144,8 @@ class Hub:
 def start_hub(binary, tmp_path):
     hubs = []
 
-    def start(*args, allow_anonymous=True, name="hub", mqtts="127.0.0.1:0", amqps="127.0.0.1:0"):
-        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous, mqtts=mqtts,
-                amqps=amqps)
+    def start(*args, allow_anonymous=True, name="hub", **listeners):
+        h = Hub(binary, tmp_path / name, *args, allow_anonymous=allow_anonymous, **listeners)
         hubs.append(h)
         return h
 
@@ -174,7 +176,10 @@ class Client:
         proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
         kw = {} if version == 5 else {"clean_session": clean}
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=proto, reconnect_on_failure=False, **kw)
+                             protocol=proto, reconnect_on_failure=False,
+                             transport="websockets" if transport in ("ws", "wss") else "tcp", **kw)
+        if transport in ("ws", "wss"):
+            self.c.ws_set_options(path="/$iothub/websocket")
         self.hub, self.transport, self.clean = hub, transport, clean
         self.keepalive, self.connect_props = keepalive, connect_props
         self.messages = queue.Queue()
@@ -192,7 +197,7 @@ class Client:
             self.c.username_pw_set(username, password)
         if will:
             self.c.will_set(**will)
-        if transport == "tls":
+        if transport in ("tls", "wss"):
             if tls_context is not None:
                 self.c.tls_set_context(tls_context)
             else:

@@ -18,16 +18,17 @@ start_hub = harness.start_hub
 def start_sdk_gateway(start_hub, tmp_path, hub_hostname, device, modules, *args):
     """A hub that serves `device` (id, key) and its `modules` ([(id, key)])
     for IoT Hub `hub_hostname`, listening on 127.0.0.1:8883: the Azure IoT
-    SDKs always dial 8883 (MQTT) and 5671 (AMQP)."""
+    SDKs always dial 8883 (MQTT), 5671 (AMQP) and 443 (either over
+    WebSocket)."""
     import json
     import socket
 
     import pytest
 
-    for port in (8883, 5671):
+    for port in (8883, 5671, 443):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                pytest.fail(f"port {port} is taken; the Azure SDKs can only dial 8883 (MQTT) and 5671 (AMQP)")
+                pytest.fail(f"port {port} is taken; the Azure SDKs can only dial 8883 (MQTT), 5671 (AMQP) and 443 (WebSocket)")
     ids = tmp_path / "identities.json"
     ids.write_text(json.dumps({
         "iothubHostname": hub_hostname,
@@ -35,4 +36,4 @@ def start_sdk_gateway(start_hub, tmp_path, hub_hostname, device, modules, *args)
                      "modules": [{"moduleId": m, "primaryKey": k} for m, k in modules]}],
     }))
     return start_hub("--identities", str(ids), *args, allow_anonymous=False, mqtts="127.0.0.1:8883",
-                     amqps="127.0.0.1:5671")
+                     amqps="127.0.0.1:5671", wss="127.0.0.1:443")
