@@ -211,7 +211,7 @@ struct Shared {
     ack_hist: Mutex<Histogram<u64>>,
     delivery_hist: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
-    tls: Option<tokio_rustls::TlsConnector>,
+    transport: edgehub_mqtt_client::Transport,
     last_connect: Mutex<Option<Instant>>,
 }
 
@@ -297,7 +297,7 @@ impl Conn {
         let io = dial(
             &cfg.target.host,
             cfg.target.port,
-            sh.tls.as_ref(),
+            &sh.transport,
             cfg.connect_timeout,
         )
         .await
@@ -342,6 +342,10 @@ fn short(e: ClientError) -> String {
         ClientError::Timeout(Step::TcpConnect) => "connect timeout".into(),
         ClientError::Timeout(Step::TlsHandshake) => "tls handshake timeout".into(),
         ClientError::Timeout(Step::ConnAck) => "connack timeout".into(),
+        ClientError::Timeout(Step::WebSocketUpgrade) => "websocket upgrade timeout".into(),
+        ClientError::Timeout(Step::QuicHandshake) => "quic handshake timeout".into(),
+        ClientError::WebSocket { detail, .. } => format!("websocket: {detail}"),
+        ClientError::Quic { detail, .. } => format!("quic: {detail}"),
         ClientError::Connect { source, .. } => format!("connect: {}", source.kind()),
         ClientError::ServerName(_) => "tls: invalid server name".into(),
         ClientError::Tls { source, .. } => format!("tls: {source}"),
@@ -581,7 +585,7 @@ mod amqp {
         let io = edgehub_mqtt_client::dial(
             &cfg.target.host,
             cfg.target.port,
-            sh.tls.as_ref(),
+            &sh.transport,
             cfg.connect_timeout,
         )
         .await
@@ -796,10 +800,10 @@ pub async fn run(
             ));
         }
     }
-    let tls = if cfg.target.tls {
-        Some(tls_connector(&cfg.ca)?)
+    let transport = if cfg.target.tls {
+        edgehub_mqtt_client::Transport::Tls(tls_connector(&cfg.ca)?)
     } else {
-        None
+        edgehub_mqtt_client::Transport::Tcp
     };
     let sh = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -808,7 +812,7 @@ pub async fn run(
         ack_hist: Mutex::new(new_hist()),
         delivery_hist: Mutex::new(new_hist()),
         errors: Mutex::new(BTreeMap::new()),
-        tls,
+        transport,
         last_connect: Mutex::new(None),
     });
     progress(Progress(sh.clone()));

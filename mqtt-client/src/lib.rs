@@ -2,8 +2,8 @@
 //! connections: the upstream link (one connection per downstream identity
 //! to IoT Hub or a parent edgehub) and `edgehub-loadtest`'s devices.
 //!
-//! It does the parts both need and nothing else: [`dial`] a TCP or TLS byte
-//! stream, [`Client::handshake`] (CONNECT, then the CONNACK with a typed
+//! It does the parts both need and nothing else: [`dial`] a byte stream
+//! over a [`Transport`] (TCP, TLS, WebSocket over TLS, QUIC), [`Client::handshake`] (CONNECT, then the CONNACK with a typed
 //! refusal), and [`Client::send`] / [`Client::flush`] / [`Client::recv`]
 //! with one read and one write buffer, so a burst of packets costs one write
 //! call. Packet ids, in-flight windows, keep-alive and retries are the
@@ -22,7 +22,7 @@ use edgehub_codec::{decode, encode, Connect, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A byte stream an MQTT connection runs over (TCP, TLS, later WebSocket).
+/// A byte stream an MQTT connection runs over (TCP, TLS, WebSocket, QUIC).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -38,6 +38,8 @@ impl std::fmt::Debug for dyn Io {
 pub enum Step {
     TcpConnect,
     TlsHandshake,
+    WebSocketUpgrade,
+    QuicHandshake,
     ConnAck,
 }
 
@@ -46,6 +48,8 @@ impl std::fmt::Display for Step {
         f.write_str(match self {
             Step::TcpConnect => "TCP connect",
             Step::TlsHandshake => "TLS handshake",
+            Step::WebSocketUpgrade => "WebSocket upgrade",
+            Step::QuicHandshake => "QUIC handshake",
             Step::ConnAck => "waiting for CONNACK",
         })
     }
@@ -67,6 +71,10 @@ pub enum ClientError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("WebSocket upgrade at {addr}: {detail}")]
+    WebSocket { addr: String, detail: String },
+    #[error("QUIC connection to {addr}: {detail}")]
+    Quic { addr: String, detail: String },
     /// The server answered CONNACK with a non-zero return / reason code.
     #[error("connection refused: {}", refusal(*.0))]
     Refused(u8),
@@ -97,15 +105,47 @@ impl ClientError {
     }
 }
 
-/// A TCP connection to `host:port`, wrapped in TLS when `tls` is given
-/// (verified against `host`); each step within `timeout`.
+/// How to reach a server.
+pub enum Transport {
+    Tcp,
+    /// TLS, the certificate verified against the host name.
+    Tls(tokio_rustls::TlsConnector),
+    /// WebSocket over TLS, `GET path` offering `subprotocol` (`mqtt`, or
+    /// `AMQPWSB10` for AMQP as IoT Hub serves it).
+    Wss {
+        tls: tokio_rustls::TlsConnector,
+        path: String,
+        subprotocol: &'static str,
+    },
+    /// QUIC (ALPN `mqtt`): one UDP socket for every connection dialled,
+    /// opened at the first.
+    Quic {
+        tls: Box<rustls::ClientConfig>,
+        endpoint: std::sync::OnceLock<edgehub_streams::quic::quinn::Endpoint>,
+    },
+}
+
+impl Transport {
+    pub fn quic(tls: rustls::ClientConfig) -> Transport {
+        Transport::Quic {
+            tls: Box::new(tls),
+            endpoint: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+/// A connection to `host:port` over `transport`, each step within
+/// `timeout`.
 pub async fn dial(
     host: &str,
     port: u16,
-    tls: Option<&tokio_rustls::TlsConnector>,
+    transport: &Transport,
     timeout: Duration,
 ) -> Result<Box<dyn Io>, ClientError> {
     let addr = format!("{host}:{port}");
+    if let Transport::Quic { tls, endpoint } = transport {
+        return dial_quic(host, &addr, tls, endpoint, timeout).await;
+    }
     let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addr))
         .await
         .map_err(|_| ClientError::Timeout(Step::TcpConnect))?
@@ -115,16 +155,73 @@ pub async fn dial(
         })?;
     // Small packets (PUBACKs, pings) must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
-    let Some(tls) = tls else {
-        return Ok(Box::new(tcp));
+    let tls = match transport {
+        Transport::Tcp => return Ok(Box::new(tcp)),
+        Transport::Tls(tls) | Transport::Wss { tls, .. } => tls,
+        Transport::Quic { .. } => unreachable!("dialled above"),
     };
     let name = rustls_pki_types::ServerName::try_from(host.to_owned())
         .map_err(|_| ClientError::ServerName(host.to_owned()))?;
     let s = tokio::time::timeout(timeout, tls.connect(name, tcp))
         .await
         .map_err(|_| ClientError::Timeout(Step::TlsHandshake))?
-        .map_err(|source| ClientError::Tls { addr, source })?;
-    Ok(Box::new(s))
+        .map_err(|source| ClientError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
+    let Transport::Wss {
+        path, subprotocol, ..
+    } = transport
+    else {
+        return Ok(Box::new(s));
+    };
+    let url = format!("wss://{addr}{path}");
+    let ws = tokio::time::timeout(timeout, edgehub_streams::ws::connect(s, &url, subprotocol))
+        .await
+        .map_err(|_| ClientError::Timeout(Step::WebSocketUpgrade))?
+        .map_err(|e| ClientError::WebSocket {
+            addr,
+            detail: e.to_string(),
+        })?;
+    Ok(Box::new(ws))
+}
+
+async fn dial_quic(
+    host: &str,
+    addr: &str,
+    tls: &rustls::ClientConfig,
+    endpoint: &std::sync::OnceLock<edgehub_streams::quic::quinn::Endpoint>,
+    timeout: Duration,
+) -> Result<Box<dyn Io>, ClientError> {
+    let quic_error = |detail: String| ClientError::Quic {
+        addr: addr.to_owned(),
+        detail,
+    };
+    let endpoint = match endpoint.get() {
+        Some(e) => e,
+        None => {
+            let e = edgehub_streams::quic::client_endpoint((*tls).clone())
+                .map_err(|e| quic_error(e.to_string()))?;
+            endpoint.get_or_init(|| e)
+        }
+    };
+    let remote = tokio::time::timeout(timeout, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| ClientError::Timeout(Step::QuicHandshake))?
+        .map_err(|source| ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| quic_error("the host name resolves to no address".into()))?;
+    let stream = tokio::time::timeout(
+        timeout,
+        edgehub_streams::quic::connect(endpoint, remote, host),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(Step::QuicHandshake))?
+    .map_err(|e| quic_error(e.to_string()))?;
+    Ok(Box::new(stream))
 }
 
 /// One MQTT connection, after a successful CONNACK.
@@ -178,6 +275,8 @@ impl Client {
         if !self.tx.is_empty() {
             self.io.write_all(&self.tx).await?;
             self.tx.clear();
+            // WebSocket gathers writes into one message until flushed.
+            self.io.flush().await?;
         }
         Ok(())
     }
@@ -255,7 +354,12 @@ mod tests {
     /// Dials the test server on `port` and sends CONNECT: the handshake's outcome.
     async fn handshake(port: u16) -> Result<Client, ClientError> {
         let t = Duration::from_secs(5);
-        Client::handshake(dial("127.0.0.1", port, None, t).await?, connect(), t).await
+        Client::handshake(
+            dial("127.0.0.1", port, &Transport::Tcp, t).await?,
+            connect(),
+            t,
+        )
+        .await
     }
 
     #[tokio::test]
@@ -290,7 +394,7 @@ mod tests {
         let free = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = free.local_addr().unwrap().port();
         drop(free);
-        let e = dial("127.0.0.1", port, None, Duration::from_secs(5))
+        let e = dial("127.0.0.1", port, &Transport::Tcp, Duration::from_secs(5))
             .await
             .err()
             .unwrap();

@@ -125,7 +125,7 @@ impl Connection {
 
     async fn open(&self) -> Result<Live, OpenError> {
         let cfg = &self.sh.cfg;
-        let io = edgehub_mqtt_client::dial(&cfg.host, cfg.port, Some(&cfg.tls), CONNECT_TIMEOUT)
+        let io = edgehub_mqtt_client::dial(&cfg.host, cfg.port, &cfg.transport, CONNECT_TIMEOUT)
             .await
             .map_err(|e| match e {
                 edgehub_mqtt_client::ClientError::ServerName(_) => OpenError::Local(e.to_string()),

@@ -106,9 +106,9 @@ const LOCAL_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamConfigError {
-    #[error("--upstream {0:?}: expected mqtts://host:port or amqps://host:port")]
+    #[error("--upstream {0:?}: expected mqtts://host:port, amqps://host:port, wss://host[:port][/path] or quic://host:port")]
     Url(String),
-    #[error("--upstream {0:?} does not speak --upstream-protocol {1:?}; use mqtts:// for MQTT, amqps:// for AMQP")]
+    #[error("--upstream {0:?} does not speak --upstream-protocol {1:?}; use mqtts:// or quic:// for MQTT, amqps:// for AMQP (wss:// carries either)")]
     Protocol(String, UpstreamProtocol),
     #[error("--upstream-ca {path}: {detail}")]
     Ca { path: String, detail: String },
@@ -120,7 +120,7 @@ pub enum UpstreamConfigError {
 pub struct UpstreamConfig {
     pub host: String,
     pub port: u16,
-    tls: tokio_rustls::TlsConnector,
+    pub transport: edgehub_mqtt_client::Transport,
     /// The host name tokens and usernames name (the IoT Hub's, or the
     /// parent edgehub's `--hostname`).
     pub iothub_hostname: String,
@@ -153,45 +153,64 @@ pub enum UpstreamAuth {
 }
 
 impl UpstreamConfig {
-    /// `mqtts://host:port` (port 8883 when left out) or `amqps://host:port`
-    /// (5671), which also says the protocol unless `protocol` names one;
-    /// the parent's certificate must chain to a CA in `ca` (PEM). Without
-    /// `ca` no root is trusted, so every handshake fails with a clear
-    /// "UnknownIssuer". `iothub_hostname` defaults to the URL's host.
+    /// `mqtts://host:port` (port 8883 when left out), `amqps://host:port`
+    /// (5671), `quic://host:port` (MQTT over QUIC, 14567) or
+    /// `wss://host:port/path` (443, path `/$iothub/websocket`: MQTT, or AMQP
+    /// with `protocol` AMQP). The scheme also says the protocol unless
+    /// `protocol` names one; the parent's certificate must chain to a CA in
+    /// `ca` (PEM). Without `ca` no root is trusted, so every handshake fails
+    /// with a clear "UnknownIssuer". `iothub_hostname` defaults to the URL's
+    /// host.
     pub fn new(
         url: &str,
         protocol: Option<UpstreamProtocol>,
         ca: Option<&Path>,
         iothub_hostname: Option<&str>,
     ) -> Result<UpstreamConfig, UpstreamConfigError> {
-        let (scheme, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (UpstreamProtocol::Mqtt, r)
-        } else if let Some(r) = url.strip_prefix("amqps://") {
-            (UpstreamProtocol::Amqp, r)
-        } else {
-            return Err(UpstreamConfigError::Url(url.into()));
-        };
-        let protocol = protocol.unwrap_or(scheme);
-        if protocol != scheme {
-            return Err(UpstreamConfigError::Protocol(url.into(), protocol));
+        #[derive(PartialEq)]
+        enum Scheme {
+            Tls,
+            Wss,
+            Quic,
         }
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse()
-                    .map_err(|_| UpstreamConfigError::Url(url.into()))?,
-            ),
+        let bad_url = || UpstreamConfigError::Url(url.into());
+        let (scheme, named, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+            (Scheme::Tls, Some(UpstreamProtocol::Mqtt), r)
+        } else if let Some(r) = url.strip_prefix("amqps://") {
+            (Scheme::Tls, Some(UpstreamProtocol::Amqp), r)
+        } else if let Some(r) = url.strip_prefix("quic://") {
+            (Scheme::Quic, Some(UpstreamProtocol::Mqtt), r)
+        } else if let Some(r) = url.strip_prefix("wss://") {
+            (Scheme::Wss, None, r)
+        } else {
+            return Err(bad_url());
+        };
+        let protocol = match (protocol, named) {
+            (Some(p), Some(n)) if p != n => {
+                return Err(UpstreamConfigError::Protocol(url.into(), p))
+            }
+            (p, n) => p.or(n).unwrap_or(UpstreamProtocol::Mqtt),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) if scheme == Scheme::Wss => (&rest[..i], &rest[i..]),
+            Some(i) if rest[i..].trim_end_matches('/').is_empty() => (&rest[..i], ""),
+            Some(_) => return Err(bad_url()),
+            None => (rest, ""),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| bad_url())?),
             None => (
-                rest,
-                match protocol {
-                    UpstreamProtocol::Mqtt => 8883,
-                    UpstreamProtocol::Amqp => 5671,
+                authority,
+                match (&scheme, protocol) {
+                    (Scheme::Wss, _) => 443,
+                    (Scheme::Quic, _) => edgehub_streams::quic::DEFAULT_PORT,
+                    (Scheme::Tls, UpstreamProtocol::Mqtt) => 8883,
+                    (Scheme::Tls, UpstreamProtocol::Amqp) => 5671,
                 },
             ),
         };
         if host.is_empty() {
-            return Err(UpstreamConfigError::Url(url.into()));
+            return Err(bad_url());
         }
         let mut roots = rustls::RootCertStore::empty();
         if let Some(path) = ca {
@@ -213,10 +232,27 @@ impl UpstreamConfig {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        use edgehub_mqtt_client::Transport;
+        let transport = match scheme {
+            Scheme::Tls => Transport::Tls(tokio_rustls::TlsConnector::from(Arc::new(cfg))),
+            Scheme::Quic => Transport::quic(cfg),
+            Scheme::Wss => Transport::Wss {
+                tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+                path: if path.is_empty() {
+                    edgehub_streams::ws::IOTHUB_PATH.to_owned()
+                } else {
+                    path.to_owned()
+                },
+                subprotocol: match protocol {
+                    UpstreamProtocol::Mqtt => edgehub_streams::ws::MQTT,
+                    UpstreamProtocol::Amqp => edgehub_streams::ws::AMQP,
+                },
+            },
+        };
         Ok(UpstreamConfig {
             host: host.to_owned(),
             port,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            transport,
             iothub_hostname: iothub_hostname.unwrap_or(host).to_owned(),
             auth: UpstreamAuth::Identity,
             protocol,
@@ -674,7 +710,33 @@ mod tests {
         let c = UpstreamConfig::new("amqps://p:5672", Some(UpstreamProtocol::Amqp), None, None)
             .unwrap();
         assert_eq!(c.port, 5672);
+        use edgehub_mqtt_client::Transport;
+        let c = UpstreamConfig::new("quic://parent", None, None, None).unwrap();
+        assert_eq!((c.port, c.protocol), (14567, UpstreamProtocol::Mqtt));
+        assert!(matches!(c.transport, Transport::Quic { .. }));
+        let c = UpstreamConfig::new("wss://hub.azure-devices.net", None, None, None).unwrap();
+        assert_eq!((c.port, c.protocol), (443, UpstreamProtocol::Mqtt));
+        assert!(
+            matches!(&c.transport, Transport::Wss { path, subprotocol: "mqtt", .. } if path == "/$iothub/websocket")
+        );
+        let c = UpstreamConfig::new(
+            "wss://proxy:8443/edge/ws",
+            Some(UpstreamProtocol::Amqp),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("proxy", 8443));
+        assert!(
+            matches!(&c.transport, Transport::Wss { path, subprotocol: "AMQPWSB10", .. } if path == "/edge/ws")
+        );
+        assert!(
+            UpstreamConfig::new("quic://p:1", Some(UpstreamProtocol::Amqp), None, None).is_err(),
+            "AMQP does not run over QUIC"
+        );
         for bad in [
+            "mqtts://a:1/some/path",
+            "ws://a:1",
             "mqtt://a:1",
             "mqtts://:1",
             "mqtts://a:port",

@@ -38,7 +38,7 @@ impl Link {
         let remote = OpenError::Remote;
         let cfg = &sh.cfg;
         let Credentials { token, chain, .. } = credentials(sh, identity)?;
-        let io = dial(&cfg.host, cfg.port, Some(&cfg.tls), CONNECT_TIMEOUT)
+        let io = dial(&cfg.host, cfg.port, &cfg.transport, CONNECT_TIMEOUT)
             .await
             .map_err(|e| match e {
                 ClientError::ServerName(_) => OpenError::Local(e.to_string()),
