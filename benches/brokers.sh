@@ -23,7 +23,7 @@ cleanup() { kill "${hub_pid:-}" "${mosq_pid:-}" 2>/dev/null || true; wait 2>/dev
 trap cleanup EXIT
 
 # shellcheck disable=SC2086
-"${broker_run[@]}" "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+"${broker_run[@]}" "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 --wss-listen off --quic-listen off \
     --allow-anonymous --log warn ${HUB_FLAGS:-} > "$work/hub.out" 2>&1 &
 hub_pid=$!
 for _ in $(seq 50); do grep -q "listening mqtts" "$work/hub.out" 2>/dev/null && break; sleep 0.1; done

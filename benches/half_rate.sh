@@ -33,7 +33,7 @@ echo "offered: $devices devices x $rate msg/s = $(python3 -c "print(int($devices
 
 for durability in fsync os-buffered; do
     rm -rf "$work/hub"
-    "${on0[@]}" "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+    "${on0[@]}" "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 --wss-listen off --quic-listen off \
         --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
         --durability "$durability" --log warn > "$work/hub.out" 2>&1 &
     pid=$!

@@ -33,7 +33,7 @@ for round in $(seq "$rounds"); do
     for target in mqtts://localhost:18883 amqps://localhost:15671; do
         rm -rf "$work/hub"
         taskset -c 0 "$bin_dir/edgehub" --data-dir "$work/hub" \
-            --mqtts-listen 127.0.0.1:18883 --amqps-listen 127.0.0.1:15671 \
+            --mqtts-listen 127.0.0.1:18883 --wss-listen off --quic-listen off --amqps-listen 127.0.0.1:15671 \
             --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
             --durability fsync --log warn > "$work/hub.out" 2>&1 &
         pid=$!

@@ -47,7 +47,7 @@ fi
 
 start_hub() { # durability
     rm -rf "$work/hub"
-    "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 \
+    "$target_dir/release/edgehub" --data-dir "$work/hub" --mqtts-listen 127.0.0.1:18883 --wss-listen off --quic-listen off \
         --amqps-listen 127.0.0.1:15671 \
         --management-listen 127.0.0.1:0 --hostname localhost --identities "$work/ids.json" \
         --durability "$1" --log warn > "$work/hub.out" 2>&1 &
