@@ -40,19 +40,6 @@ use edgehub_store::StoreError;
 
 const TX_HIGH: usize = 64 * 1024;
 const TX_PAUSE_READ: usize = 1024 * 1024;
-/// Writes what `tx` holds, or flushes once it is empty; true when it wrote.
-async fn write_or_flush<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    tx: &mut BytesMut,
-) -> std::io::Result<bool> {
-    if tx.is_empty() {
-        wr.flush().await?;
-        return Ok(false);
-    }
-    wr.write_buf(tx).await?;
-    Ok(true)
-}
-
 /// How long a closing connection may take to flush its last packets.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// After a DISCONNECT with a reason: how long and how much of the client's
@@ -1399,6 +1386,19 @@ fn store_error(e: edgehub_broker::QueueStoreError) -> StoreError {
         Ok(e) => *e,
         Err(other) => StoreError::Corrupt(other.to_string()),
     }
+}
+
+/// Writes what `tx` holds, or flushes once it is empty; true when it wrote.
+async fn write_or_flush<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    tx: &mut BytesMut,
+) -> std::io::Result<bool> {
+    if tx.is_empty() {
+        wr.flush().await?;
+        return Ok(false);
+    }
+    wr.write_buf(tx).await?;
+    Ok(true)
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

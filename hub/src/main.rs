@@ -47,36 +47,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(&config).await?;
     // Machine-readable lines on stdout (logs go to stderr) so scripts and
     // tests can find ports bound as :0.
-    if let Some(a) = server.mqtt_addr() {
-        println!("listening mqtt {a}");
-    }
-    if let Some(a) = server.mqtts_addr() {
-        println!("listening mqtts {a}");
-    }
-    if let Some(a) = server.management_addr() {
-        println!("listening management {a}");
-    }
-    if let Some(a) = server.amqps_addr() {
-        println!("listening amqps {a}");
-    }
-    if let Some(a) = server.wss_addr() {
-        println!("listening wss {a}");
-    }
-    if let Some(a) = server.ws_addr() {
-        println!("listening ws {a}");
-    }
-    if let Some(a) = server.quic_addr() {
-        println!("listening quic {a}");
+    let listeners = server.listen_addrs();
+    for (name, a) in &listeners {
+        println!("listening {name} {a}");
     }
     // Every listener is printed above: scripts can stop reading here.
     println!("ready");
     tracing::info!(
-        mqtt = ?server.mqtt_addr(),
-        mqtts = ?server.mqtts_addr(),
-        amqps = ?server.amqps_addr(),
-        wss = ?server.wss_addr(),
-        ws = ?server.ws_addr(),
-        quic = ?server.quic_addr(),
+        listeners = ?listeners,
         data_dir = %config.data_dir.display(),
         "edgehub started"
     );

@@ -557,6 +557,23 @@ impl Server {
         self.amqps.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
+    /// Every bound listener by name (`mqtt`, `mqtts`, `management`,
+    /// `amqps`, `wss`, `ws`, `quic`) with its address.
+    pub fn listen_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        [
+            ("mqtt", self.mqtt_addr()),
+            ("mqtts", self.mqtts_addr()),
+            ("management", self.management_addr()),
+            ("amqps", self.amqps_addr()),
+            ("wss", self.wss_addr()),
+            ("ws", self.ws_addr()),
+            ("quic", self.quic_addr()),
+        ]
+        .into_iter()
+        .filter_map(|(name, a)| Some((name, a?)))
+        .collect()
+    }
+
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         self.wss.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
@@ -678,22 +695,12 @@ impl Server {
                 .saturating_mul(4)
                 .max(1 << 20),
         });
-        let tls = |(tcp, a): (TcpListener, TlsAcceptor)| (tcp, Some(a));
         let listeners = [
-            self.mqtt.take().map(|tcp| (tcp, None, mqtt_head.clone())),
-            self.mqtts
-                .take()
-                .map(tls)
-                .map(|(t, a)| (t, a, mqtt_head.clone())),
-            self.amqps
-                .take()
-                .map(tls)
-                .map(|(t, a)| (t, a, amqp_head.clone())),
-            self.wss
-                .take()
-                .map(tls)
-                .map(|(t, a)| (t, a, ws_head.clone())),
-            self.ws.take().map(|tcp| (tcp, None, ws_head.clone())),
+            self.mqtt.take().map(|t| (t, None, &mqtt_head)),
+            self.mqtts.take().map(|(t, a)| (t, Some(a), &mqtt_head)),
+            self.amqps.take().map(|(t, a)| (t, Some(a), &amqp_head)),
+            self.wss.take().map(|(t, a)| (t, Some(a), &ws_head)),
+            self.ws.take().map(|t| (t, None, &ws_head)),
         ];
         for (tcp, tls, head) in listeners.into_iter().flatten() {
             let listener = crate::transport::Listener {
@@ -702,7 +709,7 @@ impl Server {
                 handshake_timeout,
             };
             accept_tasks.push(tokio::spawn(listener.run(
-                head,
+                head.clone(),
                 self.shutdown.subscribe(),
                 tracker.clone(),
             )));

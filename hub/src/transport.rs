@@ -69,6 +69,12 @@ impl Drop for Guard {
 }
 
 impl Tracker {
+    /// Counts a connection live until the guard drops.
+    fn enter(self: &Arc<Self>) -> Guard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        Guard(self.clone())
+    }
+
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Acquire)
     }
@@ -113,8 +119,7 @@ impl Listener {
                     continue;
                 }
             };
-            tracker.live.fetch_add(1, Ordering::AcqRel);
-            let guard = Guard(tracker.clone());
+            let guard = tracker.enter();
             let (head, shutdown, tls) = (head.clone(), shutdown.clone(), self.tls.clone());
             let timeout = self.handshake_timeout;
             tokio::spawn(async move {
@@ -197,8 +202,7 @@ impl QuicListener {
         tracker: Arc<Tracker>,
     ) {
         while let Some(incoming) = self.endpoint.accept().await {
-            tracker.live.fetch_add(1, Ordering::AcqRel);
-            let guard = Guard(tracker.clone());
+            let guard = tracker.enter();
             let (head, shutdown) = (head.clone(), shutdown.clone());
             let timeout = self.handshake_timeout;
             tokio::spawn(async move {
